@@ -1,0 +1,70 @@
+"""B4 (CPU-CI size): label log-probs + backward from hidden states and the LM head at V=151,936.
+fuselab `chunked_logprobs` vs the naive path (materialise logits, log_softmax, gather) in the same run.
+Each variant runs in a fresh subprocess; peak memory = growth of the process's max RSS over the inputs
+(on a GPU: torch.cuda.max_memory_allocated). Prints a table and writes bench/results/core.json."""
+import json, resource, subprocess, sys, time
+from pathlib import Path
+import torch
+import torch.nn.functional as F
+
+V, CPU = 151_936, dict(T=512, H=64, chunk=64, dtype='float32', reps=2)
+GPU = dict(T=8192, H=896, chunk=1024, dtype='bfloat16', reps=5)   # Qwen2.5-0.5B head
+
+def inputs(T, H, dtype, dev):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(T, H, generator=g).to(dev, getattr(torch, dtype)).requires_grad_()
+    W = (torch.randn(V, H, generator=g) * 0.02).to(dev, getattr(torch, dtype)).requires_grad_()
+    return h, W, torch.randint(0, V, (T,), generator=g).to(dev)
+
+def step(variant, h, W, y, chunk):
+    if variant == 'naive': lp = F.log_softmax((h @ W.T).float(), -1).gather(-1, y[:, None])[:, 0]
+    else:
+        from fuselab.core import chunked_logprobs
+        lp = chunked_logprobs(h, W, y, chunk_size=chunk)
+    lp.sum().backward()
+    return float(lp.sum())
+
+def one(variant, dev):
+    cfg = GPU if dev == 'cuda' else CPU
+    torch.set_num_threads(2)
+    h, W, y = inputs(cfg['T'], cfg['H'], cfg['dtype'], dev)
+    if dev == 'cuda': torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
+    else: base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024    # inputs allocated, nothing computed yet
+    step(variant, h, W, y, cfg['chunk']); h.grad = W.grad = None    # warm-up (its peak counts: same work)
+    ts = []
+    for _ in range(cfg['reps']):
+        t = time.perf_counter(); val = step(variant, h, W, y, cfg['chunk'])
+        if dev == 'cuda': torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t); h.grad = W.grad = None
+    peak = (torch.cuda.max_memory_allocated() if dev == 'cuda' else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
+    return dict(variant=variant, seconds=sorted(ts)[len(ts) // 2], peak_extra_bytes=max(peak, 0), value=val)
+
+def main():
+    dev = 'cuda' if torch.cuda.is_available() else 'cpu'
+    cfg = GPU if dev == 'cuda' else CPU
+    rows = {}
+    for v in ('naive', 'chunked'):
+        # a fresh process per variant: max RSS is monotone, so each must start clean
+        r = subprocess.run([sys.executable, __file__, '--one', v, dev], capture_output=True, text=True, check=True)
+        rows[v] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert abs(rows['naive']['value'] - rows['chunked']['value']) < 1e-2 * abs(rows['naive']['value']), rows
+    res = dict(workload='B4-cpu' if dev == 'cpu' else 'B4-gpu', device=torch.cuda.get_device_name() if dev == 'cuda' else 'cpu',
+               V=V, **{k: cfg[k] for k in ('T', 'H', 'chunk', 'dtype')}, torch=torch.__version__,
+               naive=rows['naive'], chunked=rows['chunked'],
+               peak_memory_ratio_naive_over_chunked=rows['naive']['peak_extra_bytes'] / max(rows['chunked']['peak_extra_bytes'], 1),
+               time_ratio_naive_over_chunked=rows['naive']['seconds'] / rows['chunked']['seconds'],
+               dense_logits_bytes_fp32=cfg['T'] * V * 4)
+    if dev == 'cuda':
+        flops = 6 * cfg['T'] * cfg['H'] * V      # fwd 2THV + bwd 4THV (chunked recomputes the fwd GEMM: +2THV not counted)
+        res['chunked_tflops'] = flops / rows['chunked']['seconds'] / 1e12
+        res['fraction_of_h100_bf16_peak'] = res['chunked_tflops'] / 989
+    print(f"{'variant':10}{'median s':>10}{'peak extra MB':>16}")
+    for v in ('naive', 'chunked'): print(f"{v:10}{rows[v]['seconds']:>10.3f}{rows[v]['peak_extra_bytes'] / 2**20:>16.1f}")
+    print(f"peak memory ratio naive/chunked = {res['peak_memory_ratio_naive_over_chunked']:.1f}x; "
+          f"time ratio naive/chunked = {res['time_ratio_naive_over_chunked']:.2f}x  (T={cfg['T']}, H={cfg['H']}, V={V})")
+    out = Path(__file__).parent/'results'/'core.json'; out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(res, indent=1)); return res
+
+if __name__ == '__main__':
+    if len(sys.argv) > 1 and sys.argv[1] == '--one': print(json.dumps(one(sys.argv[2], sys.argv[3])))
+    else: main()
