@@ -10,7 +10,7 @@ def test_docs_build_offline():
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]      # the script itself fails on a missing page or broken link
     docs = ROOT/'_docs'
     core = (docs/'core.html').read_text()
-    assert 'chunked_logprobs' in core and 'hidden:torch.Tensor' in core           # show_doc signature rendered
+    assert 'id="chunked_logprobs"' in core and '# (...,H) last hidden states' in core   # show_doc signature with docments
     assert 'site_libs/katex/katex.min.js' in core and (docs/'site_libs/katex/katex.min.js').exists()
     assert 'cdn.jsdelivr.net/npm/katex' not in core                                # maths renders offline
     assert re.search(r'\\\(|\\\[', core)                                          # maths is there to render
