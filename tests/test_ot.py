@@ -84,10 +84,12 @@ def test_low_precision_integer_costs_lambda30(dtype):
     P32 = sinkhorn(a.float(), b_scaled, C.float(), 1/30, tol=1e-5, max_iter=3000)
     assert (P - P32).abs().amax((-1, -2))[ok].max() < 1e-3                     # same problem, same plan
 
-def test_zero_mass_entries_no_nan():
+@pytest.mark.parametrize('seed', range(40))
+def test_zero_mass_entries_no_nan(seed):
+    "Regression: clamping under-flowing kernel entries to the float floor (not 0) made ~6% of these cost draws stop with error 0.5."
     a = torch.tensor([[0., .5, .5, 0.], [1., 0., 0., 0.]])
     b = torch.tensor([[.2, 0., .8], [0., 0., 1.]])
-    C = torch.randint(0, 11, (2, 4, 3)).float()
+    C = torch.randint(0, 11, (2, 4, 3), generator=torch.Generator().manual_seed(seed)).float()
     P, st = sinkhorn(a, b, C, 1/30, log=True)
     assert torch.isfinite(P).all() and st.converged.all()
     assert (P[0, [0, 3]] == 0).all() and (P[0, :, 1] == 0).all()
