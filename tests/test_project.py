@@ -5,7 +5,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PURE = ['fuselab.core', 'fuselab.ot', 'fuselab.align', 'fuselab.losses']   # torch/numpy(+rapidfuzz) only (DESIGN.md "Layering")
+PURE = ['fuselab.core', 'fuselab.ot', 'fuselab.align', 'fuselab.losses', 'fuselab.pta']   # torch/numpy(+rapidfuzz) only (DESIGN.md "Layering")
 HEAVY = ['transformers', 'trl', 'peft', 'vllm', 'datasets', 'accelerate']
 
 def _copy_project(tmp):
