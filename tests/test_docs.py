@@ -14,5 +14,5 @@ def test_docs_build_offline():
     assert 'site_libs/katex/katex.min.js' in core and (docs/'site_libs/katex/katex.min.js').exists()
     assert 'cdn.jsdelivr.net/npm/katex' not in core                                # maths renders offline
     assert re.search(r'\\\(|\\\[', core)                                          # maths is there to render
-    assert 'data:image/png;base64' in (docs/'demo.html').read_text()              # the demo's saved plot
+    assert 'data:image/png;base64' in (docs/'fusellm.html').read_text()           # the miniature experiment's saved plot
     assert (ROOT/'README.md').read_text() == readme_before, 'README.md is out of date with nbs/index.ipynb: run `make docs` and commit'

@@ -103,7 +103,7 @@ data: d.jsonl
 out_dir: run
 k: 4
 align: pta
-train: {{max_steps: 400, save_steps: 20, per_device_train_batch_size: 8, logging_steps: 20}}
+train: {{max_steps: 100, save_steps: 20, per_device_train_batch_size: 8, logging_steps: 20}}
 """)
     cmd = [str(Path(sys.executable).parent/'fuselab'), 'fusellm', 'run', str(tmp_path/'cfg.yml'), '--quiet']
     env = dict(os.environ, OMP_NUM_THREADS='1')
@@ -111,7 +111,7 @@ train: {{max_steps: 400, save_steps: 20, per_device_train_batch_size: 8, logging
     t0, ck = time.time(), tmp_path/'run'/'train'/'fused'/'checkpoint-20'
     while not (ck/'trainer_state.json').exists() and p.poll() is None and time.time() - t0 < 300: time.sleep(0.2)
     assert p.poll() is None, 'the run ended before a checkpoint appeared: ' + p.stdout.read().decode()[-2000:]
-    time.sleep(1.0); p.send_signal(signal.SIGKILL); p.wait()
+    p.send_signal(signal.SIGKILL); p.wait()                          # possibly in the middle of saving a later checkpoint
     assert not (tmp_path/'run'/'train'/'fused'/'final').exists()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -120,3 +120,12 @@ train: {{max_steps: 400, save_steps: 20, per_device_train_batch_size: 8, logging
     assert "'new': 0" in r.stdout                                           # extraction had finished: nothing redone
     assert (tmp_path/'run'/'train'/'fused'/'final'/'model.safetensors').exists()
     assert TopKStore(tmp_path/'run'/'align'/'a-pta').done_keys() == set(range(80))
+
+def test_partial_checkpoint_is_skipped(tmp_path):
+    "A checkpoint folder without trainer_state.json (killed while saving) is not resumed from."
+    from fuselab.fusellm import _last_whole_checkpoint
+    for n, whole in ((20, True), (40, True), (60, False)):
+        (tmp_path/f'checkpoint-{n}').mkdir()
+        if whole: (tmp_path/f'checkpoint-{n}'/'trainer_state.json').write_text('{}')
+    with pytest.warns(UserWarning, match='ignoring 1 partial checkpoint'): assert _last_whole_checkpoint(tmp_path).endswith('checkpoint-40')
+    assert _last_whole_checkpoint(tmp_path/'nothing') is None

@@ -54,4 +54,4 @@ def test_layering_blocker_bites():
 
 def test_cli_help():
     r = subprocess.run([BIN/'fuselab', '--help'], capture_output=True, text=True, check=True)
-    assert 'demo' in r.stdout
+    assert 'demo' in r.stdout and 'fusellm' in r.stdout
