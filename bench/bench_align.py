@@ -13,7 +13,7 @@ import numpy as np, editdistance
 from fuselab.testing import real_tokenizer
 from fuselab.align import token_texts, mined_vocab_map, dtw_align, dtw_reference, offset_align
 
-N_SAMPLE, N_TOKENS, N_PREFIX = 20, 2048, 640
+N_SAMPLE, N_TOKENS, N_PREFIX = 200, 2048, 640
 
 def med(f, n=5):
     ts = []

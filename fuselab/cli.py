@@ -29,7 +29,7 @@ def parser()->argparse.ArgumentParser:
     d = sub.add_parser('demo', help='the main job: FuseLLM on tiny CPU models (two sources, three arms, seeds); table + plot')
     d.add_argument('--out', default='runs/fusellm-experiment', help='output folder; a rerun resumes from it (default: %(default)s)')
     d.add_argument('--seeds', type=int, default=3, help='number of seeds (default: %(default)s)')
-    d.add_argument('--steps', type=int, default=250, help='continual-training steps per arm (default: %(default)s)')
+    d.add_argument('--steps', type=int, default=200, help='continual-training steps per arm (default: %(default)s)')
     d.add_argument('--quiet', action='store_true', help='no progress bars')
     d.set_defaults(func=_demo)
     f = sub.add_parser('fusellm', help='FuseLLM / PTA-LLM pipeline: extract -> align -> train, resumable')

@@ -455,8 +455,8 @@ def _evaluate(path, held)->dict:
 
 # %% ../nbs/10_fusellm.ipynb #b4998bb3
 def fusellm_experiment(out_dir='runs/fusellm-experiment', seeds:Sequence[int]=(0, 1, 2), arms:Sequence[str]=('clm', 'fusellm', 'pta'),
-                       n_source:int=3000, source_steps:int=800, n_base:int=300, base_steps:int=150, n_fuse:int=600,
-                       steps:int=250, lr:float=2e-3, k:int=8, n_eval:int=100, plot:bool=True, progress:bool=False)->dict:
+                       n_source:int=3000, source_steps:int=800, n_base:int=300, base_steps:int=150, n_fuse:int=400,
+                       steps:int=200, lr:float=2e-3, k:int=8, n_eval:int=100, plot:bool=True, progress:bool=False)->dict:
     "FuseLLM on tiny models: sources on two skills, fused into a base target (arms × seeds); table, plot, JSON; resumes."
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     bad = [a for a in arms if a not in EXPERIMENT_ARMS]
