@@ -244,16 +244,17 @@ class FuseLLMConfig:
 
     @classmethod
     def from_yaml(cls, path):
-        "Read a config from YAML; relative paths are taken relative to the YAML file."
+        "Read a config from YAML; model and data paths that exist next to the file, and `out_dir`, resolve against its folder."
         import yaml
         d, base = yaml.safe_load(Path(path).read_text()), Path(path).resolve().parent
         if not isinstance(d, dict): raise ValueError(f'{path} must hold a YAML mapping of FuseLLMConfig fields')
         bad = set(d) - {f.name for f in fields(cls)}
         if bad: raise ValueError(f'{path}: unknown field(s) {sorted(bad)}; valid: {[f.name for f in fields(cls)]}')
-        rel = lambda p: str(base/p) if not Path(p).is_absolute() else p
-        for k in ('target', 'data', 'out_dir'):
-            if k in d: d[k] = rel(d[k])
-        d['sources'] = {n: rel(p) for n, p in (d.get('sources') or {}).items()}
+        near = lambda p: str(base/p) if not Path(p).is_absolute() and (base/p).exists() else p   # else a hub id or cwd-relative
+        for k in ('target', 'data'):
+            if k in d: d[k] = near(d[k])
+        if 'out_dir' in d and not Path(d['out_dir']).is_absolute(): d['out_dir'] = str(base/d['out_dir'])
+        d['sources'] = {n: near(p) for n, p in (d.get('sources') or {}).items()}
         return cls(**d)
 
     @property
