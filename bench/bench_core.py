@@ -2,10 +2,11 @@
 fuselab `chunked_logprobs` vs the naive path (materialise logits, log_softmax, gather) in the same run.
 Each variant runs in a fresh subprocess; peak memory = growth of the process's max RSS over the inputs
 (on a GPU: torch.cuda.max_memory_allocated). Prints a table and writes bench/results/core.json."""
-import json, resource, subprocess, sys, time
+import json, sys
 from pathlib import Path
 import torch
 import torch.nn.functional as F
+from harness import measure, run_variants
 
 V, CPU = 151_936, dict(T=512, H=64, chunk=64, dtype='float32', reps=2)
 GPU = dict(T=8192, H=896, chunk=1024, dtype='bfloat16', reps=5)   # Qwen2.5-0.5B head
@@ -28,25 +29,12 @@ def one(variant, dev):
     cfg = GPU if dev == 'cuda' else CPU
     torch.set_num_threads(2)
     h, W, y = inputs(cfg['T'], cfg['H'], cfg['dtype'], dev)
-    if dev == 'cuda': torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
-    else: base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024    # inputs allocated, nothing computed yet
-    step(variant, h, W, y, cfg['chunk']); h.grad = W.grad = None    # warm-up (its peak counts: same work)
-    ts = []
-    for _ in range(cfg['reps']):
-        t = time.perf_counter(); val = step(variant, h, W, y, cfg['chunk'])
-        if dev == 'cuda': torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t); h.grad = W.grad = None
-    peak = (torch.cuda.max_memory_allocated() if dev == 'cuda' else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
-    return dict(variant=variant, seconds=sorted(ts)[len(ts) // 2], peak_extra_bytes=max(peak, 0), value=val)
+    return dict(variant=variant, **measure(lambda: step(variant, h, W, y, cfg['chunk']), (h, W), dev, cfg['reps']))
 
 def main():
     dev = 'cuda' if torch.cuda.is_available() else 'cpu'
     cfg = GPU if dev == 'cuda' else CPU
-    rows = {}
-    for v in ('naive', 'chunked'):
-        # a fresh process per variant: max RSS is monotone, so each must start clean
-        r = subprocess.run([sys.executable, __file__, '--one', v, dev], capture_output=True, text=True, check=True)
-        rows[v] = json.loads(r.stdout.strip().splitlines()[-1])
+    rows = run_variants(__file__, ('naive', 'chunked'), dev)
     assert abs(rows['naive']['value'] - rows['chunked']['value']) < 1e-2 * abs(rows['naive']['value']), rows
     res = dict(workload='B4-cpu' if dev == 'cpu' else 'B4-gpu', device=torch.cuda.get_device_name() if dev == 'cuda' else 'cpu',
                V=V, **{k: cfg[k] for k in ('T', 'H', 'chunk', 'dtype')}, torch=torch.__version__,

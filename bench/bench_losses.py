@@ -5,9 +5,10 @@ torch.cuda.max_memory_allocated):
   sparse_logits  fuselab `sparse_soft_ce`: logits [N,V] still built, target kept sparse (gather of K logits)
   chunked        fuselab `chunked_sparse_soft_ce`: neither logits nor target ever [N,V] (chunked LM head)
 Prints a table and writes bench/results/losses.json."""
-import json, resource, subprocess, sys, time
+import json, sys
 from pathlib import Path
 import torch
+from harness import measure, run_variants
 
 V, K = 151_936, 10
 CPU = dict(N=512, H=64, chunk=64, dtype='float32', reps=2)
@@ -39,26 +40,14 @@ def one(variant, dev):
     cfg = GPU if dev == 'cuda' else CPU
     torch.set_num_threads(2)
     h, W, ids, lps = inputs(cfg['N'], cfg['H'], cfg['dtype'], dev)
-    if dev == 'cuda': torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
-    else: base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    step(variant, h, W, ids, lps, cfg['chunk']); h.grad = W.grad = None
-    ts = []
-    for _ in range(cfg['reps']):
-        t = time.perf_counter(); val = step(variant, h, W, ids, lps, cfg['chunk'])
-        if dev == 'cuda': torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t); h.grad = W.grad = None
-    peak = (torch.cuda.max_memory_allocated() if dev == 'cuda' else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
-    return dict(variant=variant, seconds=sorted(ts)[len(ts) // 2], peak_extra_bytes=max(peak, 0), value=val)
+    return dict(variant=variant, **measure(lambda: step(variant, h, W, ids, lps, cfg['chunk']), (h, W), dev, cfg['reps']))
 
 VARIANTS = ('dense', 'sparse_logits', 'chunked')
 
 def main():
     dev = 'cuda' if torch.cuda.is_available() else 'cpu'
     cfg = GPU if dev == 'cuda' else CPU
-    rows = {}
-    for v in VARIANTS:
-        r = subprocess.run([sys.executable, __file__, '--one', v, dev], capture_output=True, text=True, check=True)
-        rows[v] = json.loads(r.stdout.strip().splitlines()[-1])
+    rows = run_variants(__file__, VARIANTS, dev)
     for v in VARIANTS[1:]: assert abs(rows[v]['value'] - rows['dense']['value']) < 1e-2 * abs(rows['dense']['value']), rows
     res = dict(workload='B5-cpu' if dev == 'cpu' else 'B5-gpu', device=torch.cuda.get_device_name() if dev == 'cuda' else 'cpu',
                V=V, K=K, **{k: cfg[k] for k in ('N', 'H', 'chunk', 'dtype')}, torch=torch.__version__, **rows,
