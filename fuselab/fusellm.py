@@ -210,7 +210,7 @@ class FusionTrainer(Trainer):
 # %% ../nbs/10_fusellm.ipynb #2f076395
 @dataclass
 class FuseLLMConfig:
-    "A FuseLLM run: models, data, alignment and training settings (defaults: the official FuseLLM recipe)."
+    "A FuseLLM run: models, data, alignment and training settings (defaults: the official recipe; the one-hot fallback follows the paper, see `onehot_fallback`)."
     target: str                          # target model folder (HF format, with its tokenizer)
     sources: dict                        # {name: model folder} of the source LLMs
     data: str                            # JSONL corpus of {"text"} or {"prompt","completion"} records
