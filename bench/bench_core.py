@@ -2,11 +2,9 @@
 fuselab `chunked_logprobs` vs the naive path (materialise logits, log_softmax, gather) in the same run.
 Each variant runs in a fresh subprocess; peak memory = growth of the process's max RSS over the inputs
 (on a GPU: torch.cuda.max_memory_allocated). Prints a table and writes bench/results/core.json."""
-import json, sys
-from pathlib import Path
 import torch
 import torch.nn.functional as F
-from harness import measure, run_variants
+from harness import measure, run_variants, report, main_or_one
 
 V, CPU = 151_936, dict(T=512, H=64, chunk=64, dtype='float32', reps=2)
 GPU = dict(T=8192, H=896, chunk=1024, dtype='bfloat16', reps=5)   # Qwen2.5-0.5B head
@@ -46,13 +44,7 @@ def main():
         flops = 6 * cfg['T'] * cfg['H'] * V      # fwd 2THV + bwd 4THV (chunked recomputes the fwd GEMM: +2THV not counted)
         res['chunked_tflops'] = flops / rows['chunked']['seconds'] / 1e12
         res['fraction_of_h100_bf16_peak'] = res['chunked_tflops'] / 989
-    print(f"{'variant':10}{'median s':>10}{'peak extra MB':>16}")
-    for v in ('naive', 'chunked'): print(f"{v:10}{rows[v]['seconds']:>10.3f}{rows[v]['peak_extra_bytes'] / 2**20:>16.1f}")
-    print(f"peak memory ratio naive/chunked = {res['peak_memory_ratio_naive_over_chunked']:.1f}x; "
+    return report('core', rows, res, f"peak memory ratio naive/chunked = {res['peak_memory_ratio_naive_over_chunked']:.1f}x; "
           f"time ratio naive/chunked = {res['time_ratio_naive_over_chunked']:.2f}x  (T={cfg['T']}, H={cfg['H']}, V={V})")
-    out = Path(__file__).parent/'results'/'core.json'; out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(res, indent=1)); return res
 
-if __name__ == '__main__':
-    if len(sys.argv) > 1 and sys.argv[1] == '--one': print(json.dumps(one(sys.argv[2], sys.argv[3])))
-    else: main()
+if __name__ == '__main__': main_or_one(one, main)

@@ -5,10 +5,8 @@ torch.cuda.max_memory_allocated):
   sparse_logits  fuselab `sparse_soft_ce`: logits [N,V] still built, target kept sparse (gather of K logits)
   chunked        fuselab `chunked_sparse_soft_ce`: neither logits nor target ever [N,V] (chunked LM head)
 Prints a table and writes bench/results/losses.json."""
-import json, sys
-from pathlib import Path
 import torch
-from harness import measure, run_variants
+from harness import measure, run_variants, report, main_or_one
 
 V, K = 151_936, 10
 CPU = dict(N=512, H=64, chunk=64, dtype='float32', reps=2)
@@ -55,14 +53,8 @@ def main():
                peak_memory_ratio_dense_over_sparse_logits=rows['dense']['peak_extra_bytes'] / max(rows['sparse_logits']['peak_extra_bytes'], 1),
                time_ratio_dense_over_chunked=rows['dense']['seconds'] / rows['chunked']['seconds'],
                dense_target_bytes_fp32=cfg['N'] * V * 4)
-    print(f"{'variant':16}{'median s':>10}{'peak extra MB':>16}{'loss':>12}")
-    for v in VARIANTS: print(f"{v:16}{rows[v]['seconds']:>10.3f}{rows[v]['peak_extra_bytes'] / 2**20:>16.1f}{rows[v]['value']:>12.4f}")
-    print(f"peak memory dense/chunked = {res['peak_memory_ratio_dense_over_chunked']:.1f}x, dense/sparse_logits = "
+    return report('losses', rows, res, f"peak memory dense/chunked = {res['peak_memory_ratio_dense_over_chunked']:.1f}x, dense/sparse_logits = "
           f"{res['peak_memory_ratio_dense_over_sparse_logits']:.1f}x; time dense/chunked = {res['time_ratio_dense_over_chunked']:.2f}x "
           f"(N={cfg['N']}, H={cfg['H']}, V={V}, K={K})")
-    out = Path(__file__).parent/'results'/'losses.json'; out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(res, indent=1)); return res
 
-if __name__ == '__main__':
-    if len(sys.argv) > 1 and sys.argv[1] == '--one': print(json.dumps(one(sys.argv[2], sys.argv[3])))
-    else: main()
+if __name__ == '__main__': main_or_one(one, main)

@@ -27,3 +27,18 @@ def run_variants(script:str, variants, dev:str)->dict:
         r = subprocess.run([sys.executable, script, '--one', v, dev], capture_output=True, text=True, check=True)
         rows[v] = json.loads(r.stdout.strip().splitlines()[-1])
     return rows
+
+def report(name:str, rows:dict, res:dict, summary:str)->dict:
+    "Print the variants' table and a summary line; write `res` to bench/results/<name>.json."
+    from pathlib import Path
+    w = max(map(len, rows)) + 2
+    print(f"{'variant':{w}}{'median s':>10}{'peak extra MB':>16}{'value':>14}")
+    for v, r in rows.items(): print(f"{v:{w}}{r['seconds']:>10.3f}{r['peak_extra_bytes'] / 2**20:>16.1f}{r['value']:>14.4f}")
+    print(summary)
+    out = Path(__file__).parent/'results'/f'{name}.json'; out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(res, indent=1)); return res
+
+def main_or_one(one, main):
+    "Script entry: `--one VARIANT DEV` measures one variant in this process, else `main()` runs them all."
+    if len(sys.argv) > 1 and sys.argv[1] == '--one': print(json.dumps(one(sys.argv[2], sys.argv[3])))
+    else: main()
