@@ -5,7 +5,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PURE = ['fuselab.core', 'fuselab.ot', 'fuselab.align', 'fuselab.losses', 'fuselab.pta']   # torch/numpy(+rapidfuzz) only (DESIGN.md "Layering")
+PURE = ['fuselab.core', 'fuselab.ot', 'fuselab.align', 'fuselab.losses', 'fuselab.pta', 'fuselab.merge']   # torch/numpy(+rapidfuzz; merge: +safetensors I/O) only (DESIGN.md "Layering")
 HEAVY = ['transformers', 'trl', 'peft', 'vllm', 'datasets', 'accelerate']
 
 def _copy_project(tmp):
@@ -54,4 +54,4 @@ def test_layering_blocker_bites():
 
 def test_cli_help():
     r = subprocess.run([BIN/'fuselab', '--help'], capture_output=True, text=True, check=True)
-    assert 'demo' in r.stdout and 'fusellm' in r.stdout
+    assert 'demo' in r.stdout and 'fusellm' in r.stdout and 'merge' in r.stdout
