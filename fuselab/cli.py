@@ -22,6 +22,20 @@ def _fusellm(a):
     res = fusellm_run(cfg, stages, progress=not a.quiet)
     for st, r in res.items(): print(st, {k: v for k, v in r.items() if k != 'log'})
 
+def _fusechat(a):
+    from fuselab.fusechat import FuseChatConfig, fusechat_run
+    cfg = FuseChatConfig.from_yaml(a.config)
+    if a.out: cfg.out_dir = a.out
+    stages = ('extract', 'align', 'train', 'merge') if a.stage == 'run' else (a.stage,)
+    res = fusechat_run(cfg, stages, progress=not a.quiet)
+    for st, r in res.items(): print(st, {k: {kk: vv for kk, vv in v.items() if kk != 'log'} if isinstance(v, dict) else v for k, v in r.items()})
+
+def _merge(a):
+    from fuselab.merge import merge_models
+    r = merge_models(a.config, a.out, progress=not a.quiet, overwrite=a.overwrite)
+    print(f"{r['state']}: {r['merge_method']} of {len(r['models'])} model(s) into {r['out_dir']} ({r['n_tensors']} tensors, "
+          f"{r['shards']} shard(s), {r['bytes_out'] / 1e9:.3f} GB, {r['seconds']:.1f} s)")
+
 def parser()->argparse.ArgumentParser:
     "The `fuselab` argument parser with its subcommands."
     p = argparse.ArgumentParser(prog='fuselab', description='Fuse and align large language models.')
@@ -38,6 +52,18 @@ def parser()->argparse.ArgumentParser:
     f.add_argument('--out', help='override out_dir from the config')
     f.add_argument('--quiet', action='store_true', help='no progress bars')
     f.set_defaults(func=_fusellm)
+    c = sub.add_parser('fusechat', help='FuseChat pipeline: extract -> align (MS) -> train (pairwise) -> merge, resumable')
+    c.add_argument('stage', choices=['extract', 'align', 'train', 'merge', 'run'], help="a stage, or 'run' for all four in order")
+    c.add_argument('config', help='YAML file of FuseChatConfig fields (see the fusechat docs page)')
+    c.add_argument('--out', help='override out_dir from the config')
+    c.add_argument('--quiet', action='store_true', help='no progress bars')
+    c.set_defaults(func=_fusechat)
+    m = sub.add_parser('merge', help='parameter-space merge (linear, task_arithmetic, varm, sce) from a mergekit-like YAML, streamed over shards')
+    m.add_argument('config', help='YAML merge config (merge_method, base_model, models, parameters; see the merge docs page)')
+    m.add_argument('--out', help='output folder; overrides out_dir from the config')
+    m.add_argument('--overwrite', action='store_true', help='replace a different merge (or other files) in the output folder')
+    m.add_argument('--quiet', action='store_true', help='no progress bar')
+    m.set_defaults(func=_merge)
     return p
 
 def main(argv:list[str]|None=None):
