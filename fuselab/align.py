@@ -83,16 +83,22 @@ def _check_seqs(src, tgt, tiebreak):
 
 # %% ../nbs/05_align.ipynb #c1f61591
 def _backtrack(D, order)->list[tuple[int,int]]:
-    "FuseLLM's backtrack over a filled (M,N) DTW matrix: path from (M-1,N-1) to (0,0), returned in increasing order."
-    inf = float('inf'); i, j = len(D) - 1, len(D[0]) - 1; path = []
-    while i > 0 or j > 0:
-        path.append((i, j))
-        opts = (D[i-1][j-1] if i > 0 and j > 0 else inf, D[i-1][j] if i > 0 else inf, D[i][j-1] if j > 0 else inf)
-        move = min(order, key=lambda k: opts[k])          # first minimum in tie-break order
-        if move == 0: i, j = i - 1, j - 1
-        elif move == 1: i -= 1
+    "FuseLLM's backtrack over a filled (M,N) DTW matrix (lists or array): path from (M-1,N-1) to (0,0), in increasing order."
+    get = D.item if isinstance(D, np.ndarray) else (lambda i, j: D[i][j])
+    i, j = len(D) - 1, len(D[0]) - 1; path = [(i, j)]
+    o0, o1, o2 = order
+    while i > 0 and j > 0:
+        opts = (get(i-1, j-1), get(i-1, j), get(i, j-1))
+        mv = o0                                           # first minimum in tie-break order
+        if opts[o1] < opts[mv]: mv = o1
+        if opts[o2] < opts[mv]: mv = o2
+        if mv == 0: i, j = i - 1, j - 1
+        elif mv == 1: i -= 1
         else: j -= 1
-    path.append((0, 0)); return path[::-1]
+        path.append((i, j))
+    while i > 0: i -= 1; path.append((i, j))             # first column: only 'up' is in range
+    while j > 0: j -= 1; path.append((i, j))             # first row: only 'left'
+    return path[::-1]
 
 def dtw_reference(src:Sequence[str], tgt:Sequence[str], tiebreak:str='fusellm',
                   dist:Callable[[str,str],int]=levenshtein)->list[tuple[int,int]]:
@@ -107,23 +113,43 @@ def dtw_reference(src:Sequence[str], tgt:Sequence[str], tiebreak:str='fusellm',
     return _backtrack(D, _ORDERS[tiebreak])
 
 # %% ../nbs/05_align.ipynb #ad740d9b
+def _distinct(tokens:Sequence[str])->tuple[list[str], np.ndarray]:
+    "Distinct marker-stripped strings (first-occurrence order) and each token's index into them."
+    raw = {}
+    inv = np.fromiter((raw.setdefault(x, len(raw)) for x in tokens), np.int64, len(tokens))
+    idx = {}
+    code = np.fromiter((idx.setdefault(strip_token(x), len(idx)) for x in raw), np.int64, len(raw))
+    return list(idx), code[inv]
+
+def _dtw_parts(src:Sequence[str], tgt:Sequence[str], workers:int=1)->tuple[np.ndarray, np.ndarray, np.ndarray]:
+    "Distinct-string cost matrix (U_s,U_t) int32 and the row / column index of every source / target token."
+    (us, i_s), (ut, i_t) = _distinct(src), _distinct(tgt)
+    return _rf_process.cdist(us, ut, scorer=_Lev.distance, dtype=np.int32, workers=workers), i_s, i_t
+
 def dtw_cost(src:Sequence[str], tgt:Sequence[str], workers:int=1)->np.ndarray:
     "(M,N) int32 matrix of Levenshtein distances between marker-stripped tokens (rapidfuzz `cdist` on the distinct strings)."
-    us, inv_s = np.unique(np.array([strip_token(x) for x in src], dtype=object), return_inverse=True)
-    ut, inv_t = np.unique(np.array([strip_token(x) for x in tgt], dtype=object), return_inverse=True)
-    Cu = _rf_process.cdist(list(us), list(ut), scorer=_Lev.distance, dtype=np.int32, workers=workers)
-    return Cu[inv_s.reshape(-1)[:, None], inv_t.reshape(-1)[None, :]]
+    Cu, i_s, i_t = _dtw_parts(src, tgt, workers)
+    return Cu[i_s[:, None], i_t[None, :]]
+
+def _dtw_rows(R:np.ndarray, rows)->np.ndarray:
+    "Accumulated DTW cost (M,N), DP row i having cost row `R[rows[i]]`: one vectorised min-plus scan per row."
+    R = np.asarray(R); M, N = len(rows), R.shape[1]
+    dt = np.int32 if R.size and int(R.max()) * (M + N) < 2**31 - 1 else np.int64
+    R = np.ascontiguousarray(R, dtype=dt); S = np.cumsum(R, axis=1, dtype=dt); CS = R - S
+    D = np.empty((M, N), dt); E = np.empty(N, dt); E1 = E[1:]
+    S_, CS_, D_ = list(S), list(CS), list(D)                # row views, indexed without numpy's overhead
+    rows = np.asarray(rows).tolist(); prev = D_[0]; prev[:] = S_[rows[0]]
+    mn, acc, add = np.minimum, np.minimum.accumulate, np.add
+    for i in range(1, M):
+        r, cur = rows[i], D_[i]
+        E[0] = prev[0]; mn(prev[1:], prev[:-1], out=E1); add(E, CS_[r], out=E)   # E - S
+        acc(E, out=cur); add(cur, S_[r], out=cur); prev = cur
+    return D
 
 def dtw_matrix(C:np.ndarray)->np.ndarray:
-    "Accumulated DTW cost D (M,N) from a cost matrix, one vectorised min-plus scan per row."
-    C = np.asarray(C); dt = np.int32 if C.size and C.max() * (C.shape[0] + C.shape[1]) < 2**31 - 1 else np.int64
-    C = C.astype(dt, copy=False); S = np.cumsum(C, axis=1, dtype=dt); D = np.empty_like(C); E = np.empty(C.shape[1], dt)
-    D[0] = S[0]
-    for i in range(1, len(C)):
-        up = D[i-1]; E[0] = up[0]
-        np.minimum(up[1:], up[:-1], out=E[1:]); E += C[i]; E -= S[i]
-        np.minimum.accumulate(E, out=D[i]); D[i] += S[i]
-    return D
+    "Accumulated DTW cost D (M,N) from a cost matrix, one vectorised min-plus scan per row of the shorter side."
+    C = np.asarray(C)
+    return _dtw_rows(C, np.arange(len(C))) if C.shape[0] <= C.shape[1] else _dtw_rows(C.T, np.arange(C.shape[1])).T
 
 # %% ../nbs/05_align.ipynb #7c8c1429
 @dataclass
@@ -159,7 +185,10 @@ def dtw_align(src_tokens:Sequence[str],   # source token strings (raw, e.g. `con
     M, N = len(src_tokens), len(tgt_tokens)
     if M * N > max_cells: raise ValueError(f'{M}x{N} DTW exceeds max_cells={max_cells}: split the text (FuseLLM uses <=2048 tokens) or use offset_align')
     if method == 'reference': path = dtw_reference(src_tokens, tgt_tokens, tiebreak)
-    elif method == 'fast': path = _backtrack(dtw_matrix(dtw_cost(src_tokens, tgt_tokens, workers)), _ORDERS[tiebreak])
+    elif method == 'fast':
+        Cu, i_s, i_t = _dtw_parts(src_tokens, tgt_tokens, workers)
+        D = _dtw_rows(Cu[:, i_t], i_s) if M <= N else _dtw_rows(Cu.T[:, i_s], i_t).T   # DP over the shorter side
+        path = _backtrack(D, _ORDERS[tiebreak])
     else: raise ValueError(f"method={method!r}: use 'fast' or 'reference'")
     return alignment_from_pairs(path, M, N)
 
@@ -208,28 +237,35 @@ def align_texts(text:str, src_tok, tgt_tok, method:str='dtw', tiebreak:str='fuse
 # %% ../nbs/05_align.ipynb #91eff9cb
 def _texts(x)->list[str]: return token_texts(x) if hasattr(x, 'get_vocab') else list(x)
 
-def _mined(queries:list[str], T:list[str], tlen:np.ndarray, window:int, workers:int, max_bytes:int)->tuple[np.ndarray,np.ndarray]:
-    "Best target id and distance for every query (all of one length L), smallest id on ties."
-    L = len(queries[0]); best_id, best_d = np.zeros(len(queries), np.int64), np.zeros(len(queries), np.int64)
-    todo, w = np.arange(len(queries)), window
-    while len(todo):
-        cand = np.flatnonzero(np.abs(tlen - L) <= w)
-        if not len(cand): w = 2 * w + 1; continue                         # no target of a near length: widen
-        ct = [T[c] for c in cand]
-        rows = max(1, max_bytes // (4 * max(1, len(cand))))
-        for s in range(0, len(todo), rows):
-            q = todo[s:s + rows]
-            D = _rf_process.cdist([queries[k] for k in q], ct, scorer=_Lev.distance, dtype=np.int32, workers=workers)
-            a = D.argmin(1); best_id[q], best_d[q] = cand[a], D[np.arange(len(q)), a]
-        todo = todo[best_d[todo] > w]
-        if len(todo): w = int(best_d[todo].max())
-    return best_id, best_d
+def _mined(queries:list[str], T:list[str], workers:int, max_bytes:int, block:int=2048)->tuple[np.ndarray,np.ndarray]:
+    "Best target id and distance for every query (none equal to a target), smallest id on ties: one scan of `T` in id order."
+    n, big = len(queries), np.iinfo(np.int64).max
+    rows = max(1, max_bytes // (4 * block))
+    if n > rows:                                                       # bound the first distance block
+        parts = [_mined(queries[s:s + rows], T, workers, max_bytes, block) for s in range(0, n, rows)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    qlen = np.fromiter(map(len, queries), np.int64, n)
+    bid, bd, todo, lo, bs = np.zeros(n, np.int64), np.full(n, big), np.arange(n), 0, block
+    while len(todo) and lo < len(T):
+        hi = min(len(T), lo + bs); d = bd[todo]; ids, ct = np.arange(lo, hi), T[lo:hi]
+        if d.max() < big:                       # later ids must be strictly closer, so |len(v) - len(q)| <= d - 1
+            tl = np.fromiter(map(len, ct), np.int64, len(ct))
+            sel = np.flatnonzero((tl >= (qlen[todo] - d).min() + 1) & (tl <= (qlen[todo] + d).max() - 1))
+            if len(sel) < 0.7 * len(ct): ids, ct = ids[sel], [ct[k] for k in sel]
+        if len(ct):
+            D = _rf_process.cdist([queries[k] for k in todo], ct, scorer=_Lev.distance, dtype=np.int32, workers=workers)
+            a = D.argmin(1); m = D[np.arange(len(todo)), a]              # first minimum = smallest id in the block
+            better = m < d
+            bd[todo[better]], bid[todo[better]] = m[better], ids[a[better]]
+        todo = todo[bd[todo] > 1]                                        # distance 1 is final: nothing later can beat it
+        lo, bs = hi, min(2 * bs, max(block, max_bytes // (4 * max(1, len(todo)))))
+    return bid, bd
 
 # %% ../nbs/05_align.ipynb #e8c5088b
 def mined_vocab_map(src_tok,                 # source tokenizer (duck-typed `get_vocab`) or list of normalised token texts
                     tgt_tok,                 # target tokenizer or list of normalised token texts
                     ids:Sequence[int]|None=None, # map only these source ids (default: all)
-                    window:int=2,            # first length window for the MinED scan (any value gives the same map)
+                    block:int=2048,          # first block of target ids per scan step (any value gives the same map)
                     workers:int=-1,          # rapidfuzz threads (-1: all cores)
                     max_bytes:int=256 << 20, # cap on one distance block
                     return_dist:bool=False,  # also return the edit distance of each mapping (0 = exact match)
@@ -239,14 +275,14 @@ def mined_vocab_map(src_tok,                 # source tokenizer (duck-typed `get
     if not S or not T: raise ValueError(f'empty vocabulary ({len(S)} source, {len(T)} target tokens)')
     ids = np.arange(len(S)) if ids is None else np.asarray(ids, dtype=np.int64)
     if len(ids) and (ids.min() < 0 or ids.max() >= len(S)): raise ValueError(f'ids must lie in [0, {len(S)}): got {int(ids.min())}..{int(ids.max())}')
-    exact = {}
-    for t_id, t in enumerate(T): exact.setdefault(t, t_id)
+    want = {S[i] for i in ids}                           # exact matches, smallest id first (reversed: smaller ids overwrite)
+    exact = {t: j for j, t in zip(range(len(T) - 1, -1, -1), reversed(T)) if t in want}
     out, dist = np.array([exact.get(S[i], -1) for i in ids], dtype=np.int64), np.zeros(len(ids), np.int64)
-    rest = np.flatnonzero(out < 0); tlen = np.array([len(t) for t in T])
-    by_len = {}
-    for k in rest: by_len.setdefault(len(S[ids[k]]), []).append(k)
-    for L, ks in by_len.items():
-        out[ks], dist[ks] = _mined([S[ids[k]] for k in ks], T, tlen, window, workers, max_bytes)
+    rest = np.flatnonzero(out < 0)
+    if len(rest):
+        q = {}; inv = np.fromiter((q.setdefault(S[ids[k]], len(q)) for k in rest), np.int64, len(rest))   # distinct texts
+        bi, bd = _mined(list(q), T, workers, max_bytes, max(int(block), 1))
+        out[rest], dist[rest] = bi[inv], bd[inv]
     out = out.astype(np.int32)
     return (out, dist.astype(np.int32)) if return_dist else out
 

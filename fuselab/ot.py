@@ -8,6 +8,7 @@ import math
 from typing import NamedTuple, Sequence
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['SinkhornStats', 'sinkhorn', 'pta_cost_matrix', 'synthetic_pta_problems']
@@ -17,47 +18,72 @@ def _floor(dtype:torch.dtype)->float:
     "Lowest exponent whose `exp` is still a normal number in `dtype` (-86.3 for float32, -707.4 for float64)."
     return math.log(torch.finfo(dtype).tiny) + 1.
 
-def _lse(x:torch.Tensor, dim:int)->torch.Tensor:
-    "Log-sum-exp over `dim`, in place on the temporary `x`, clamping shifted arguments at `_floor` (fast, same value)."
+def _exp_flush_(x:torch.Tensor)->torch.Tensor:
+    "`exp` in place; arguments below `_floor` (-inf included) give exactly 0. Clamping first keeps `exp` off its slow paths."
+    fl = _floor(x.dtype)
+    return F.threshold_(x.clamp_min_(fl).exp_(), math.exp(fl) * (1 + 4 * torch.finfo(x.dtype).eps), 0.)
+
+def _lse(x:torch.Tensor, dim:int, dtype:torch.dtype|None=None)->torch.Tensor:
+    "Log-sum-exp over `dim` (`x` is left unchanged); the shifted exponentials are computed in `dtype` (default: x's dtype)."
     mx = x.amax(dim, keepdim=True)
     mx = torch.where(torch.isfinite(mx), mx, torch.zeros((), dtype=x.dtype, device=x.device))
-    x.sub_(mx).clamp_min_(_floor(x.dtype)).exp_()
-    return x.sum(dim).log_().add_(mx.squeeze(dim))
+    y = torch.sub(x, mx, out=torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device))
+    y.clamp_min_(_floor(y.dtype)).exp_()                 # a floor term e^-87 next to the leading 1 changes nothing
+    return y.sum(dim, dtype=x.dtype).log_().add_(mx.squeeze(dim))
 
 # %% ../nbs/04_ot.ipynb #a2ed4b44
-def _sinkhorn_flat(K:torch.Tensor,    # (B,n,m) float64 -C/reg
-                   a:torch.Tensor,    # (B,n) float64 unit-mass row marginals
-                   b:torch.Tensor,    # (B,m) float64 unit-mass column marginals
+_CPU_CHUNK = 4096     # problems per chunk on CPU: kernel + product buffer (2 x 1.6 MB float32) stay in cache
+
+def _sinkhorn_flat(K:torch.Tensor,    # (n,m,B) float64 -C/reg, problems last (contiguous)
+                   a:torch.Tensor,    # (n,B) float64 unit-mass row marginals
+                   b:torch.Tensor,    # (m,B) float64 unit-mass column marginals
                    tol:torch.Tensor,  # (B,) tolerance on ||P1 - a||_1 in unit-mass terms
                    max_iter:int, every:int,
                    dtype:torch.dtype=torch.float32): # dtype of the inner scaling iterations
-    "Stabilised Sinkhorn on flat unit-mass problems; returns float64 scaled potentials `u (B,n)`, `v (B,m)`, iterations `(B,)`."
-    B, n, m = K.shape
-    tiny, fl = torch.finfo(dtype).tiny, _floor(dtype)
-    u = a.log() - _lse(K.clone(), -1)                   # first iteration in the log domain (v = 0)
-    v = b.log() - _lse(K + u[:, :, None], -2)
-    U, V, its = u.clone(), v.clone(), torch.ones(B, dtype=torch.int32, device=K.device)
-    act, it = torch.arange(B, device=K.device), 1
-    Ka, aa, ba, ta = K, a.to(dtype), b.to(dtype), tol
-    while it < max_iter and act.numel():
-        arg = Ka + u[:, :, None] + v[:, None, :]
-        kt = arg.clamp_min(fl).exp_().masked_fill_(arg < fl, 0).to(dtype)  # absorbed kernel = current plan; flushing
-        # below-normal entries to exactly 0 (not to the floor) keeps the problem unchanged: a clamped entry scaled up by
-        # a huge alpha would create mass the true plan does not have; an all-zero row is brought back by absorption
-        beta = torch.ones_like(ba)
+    "Stabilised Sinkhorn on unit-mass problems stored problems-last; returns float64 `u (n,B)`, `v (m,B)`, iterations `(B,)`."
+    n, m, B = K.shape
+    dev, f64, tiny = K.device, torch.float64, torch.finfo(dtype).tiny
+    u = a.log() - _lse(K, 1, dtype)                      # first iteration in the log domain (v = 0)
+    arg = K + u[:, None, :]                              # exponent K + u + v of the absorbed kernel, float64
+    v = b.log() - _lse(arg, 0, dtype)
+    arg.add_(v[None])
+    U, V, its = torch.empty_like(u), torch.empty_like(v), torch.ones(B, dtype=torch.int32, device=dev)
+    act, it, done = torch.arange(B, device=dev), 1, torch.zeros(B, dtype=torch.bool, device=dev)
+    aa, ba, ta = a.to(dtype), b.to(dtype), tol
+    kt_s = None if dtype == f64 else torch.empty(n * m * B, dtype=dtype, device=dev)   # buffers, reused
+    buf_s = torch.empty(n * m * B, dtype=dtype, device=dev)
+    while it < max_iter:
+        shp = (n, m, act.numel())
+        kt = _exp_flush_(arg.clone() if dtype == f64 else kt_s[:arg.numel()].view(shp).copy_(arg))   # current plan
+        # below-normal entries are 0, not the floor: a floor entry scaled by a huge alpha would create mass the true plan
+        # does not have; an all-zero row is brought back by the next absorption
+        buf = buf_s[:arg.numel()].view(shp)
+        alpha, beta, c, s = torch.empty_like(aa), torch.empty_like(ba), torch.empty_like(ba), kt.sum(1)
         steps = min(every, max_iter - it)
-        for k in range(steps + 1):
-            s = torch.bmm(kt, beta[:, :, None])[:, :, 0]                   # row sums of kt·diag(beta)
-            if k == steps: break                                           # measure, don't update
-            alpha = aa / s.clamp_min(tiny)
-            beta = ba / torch.bmm(alpha[:, None, :], kt)[:, 0].clamp_min(tiny)
+        for _ in range(steps):
+            torch.div(aa, s.clamp_min_(tiny), out=alpha)                             # alpha = a / (kt beta)
+            torch.sum(torch.mul(kt, alpha[:, None, :], out=buf), 0, out=c)
+            torch.div(ba, c.clamp_min_(tiny), out=beta)                              # beta = b / (kt^T alpha)
+            torch.sum(torch.mul(kt, beta[None, :, :], out=buf), 1, out=s)           # row sums, for the next alpha
         it += steps
-        err = (alpha * s - aa).abs().sum(-1)                               # ||P1 - a||_1 of the current plan
-        u, v = u + alpha.log().double(), v + beta.log().double()
-        U[act], V[act], its[act] = u, v, it
-        keep = err > ta
-        if not bool(keep.all()):
-            act, u, v, Ka, aa, ba, ta = act[keep], u[keep], v[keep], Ka[keep], aa[keep], ba[keep], ta[keep]
+        la, lb = alpha.log().double(), beta.log().double()
+        u.add_(la); v.add_(lb)
+        new = (alpha.mul_(s).sub_(aa).abs_().sum(0) <= ta) & ~done                 # ||P1 - a||_1 <= tol, first time
+        if it >= max_iter: break
+        if bool(new.any()):
+            i = new.nonzero()[:, 0]; ia = act[i]
+            U[:, ia], V[:, ia], its[ia] = u[:, i], v[:, i], it
+            done |= new
+            nd, na = int(done.sum()), done.numel()
+            if nd == na: return U, V, its
+            if nd * min(-(-(max_iter - it) // every), 10) >= na - nd:               # compaction saves more than it costs
+                k = (~done).nonzero()[:, 0]
+                act, u, v, la, lb, aa, ba, ta, done = (act[k], u[:, k], v[:, k], la[:, k], lb[:, k], aa[:, k], ba[:, k],
+                                                       ta[k], done[k])
+                arg = arg.view(n * m, -1).index_select(1, k).view(n, m, -1)
+        arg.add_(la[:, None, :]).add_(lb[None])                                     # absorb: exponent of the new kernel
+    k = (~done).nonzero()[:, 0]; ia = act[k]
+    U[:, ia], V[:, ia], its[ia] = u[:, k], v[:, k], it
     return U, V, its
 
 # %% ../nbs/04_ot.ipynb #cb486b15
@@ -92,11 +118,13 @@ def _check(a, b, C, reg, max_iter, tol):
     return batch
 
 def _check_values(a, b, C, ma, mb, rtol):
-    "Value checks (one device sync): finite costs, non-negative masses, positive and equal total masses."
-    if not bool(torch.isfinite(C).all()): raise ValueError('C has a NaN or infinite cost: use a large finite cost to forbid a pair')
+    "Value checks: finite costs, non-negative masses, positive and equal total masses (min/max reductions: one pass each)."
+    lim = lambda x: [float(t) for t in torch.aminmax(x)] if x.numel() else [0., 0.]   # NaN propagates into both
+    if not all(map(math.isfinite, lim(C))): raise ValueError('C has a NaN or infinite cost: use a large finite cost to forbid a pair')
     for nm, x in (('a', a), ('b', b)):
-        if not bool(torch.isfinite(x).all()): raise ValueError(f'{nm} has a NaN or infinite mass')
-        if bool((x < 0).any()): raise ValueError(f'{nm} has a negative mass {float(x.min()):.4g}: masses must be >= 0 (clip or softmax the scores)')
+        lo, hi = lim(x)
+        if not (math.isfinite(lo) and math.isfinite(hi)): raise ValueError(f'{nm} has a NaN or infinite mass')
+        if lo < 0: raise ValueError(f'{nm} has a negative mass {lo:.4g}: masses must be >= 0 (clip or softmax the scores)')
     if bool((ma <= 0).any() | (mb <= 0).any()):
         raise ValueError('a problem has zero total mass in a or b: every problem needs some mass on both sides')
     bad = (ma - mb).abs() > rtol * torch.maximum(ma, mb)
@@ -114,32 +142,35 @@ def sinkhorn(a:torch.Tensor,          # (...,n) row masses >= 0, any float dtype
              max_iter:int=1000,       # iteration cap per problem
              tol:float=1e-5,          # stop a problem once ||P1 - a||_1 <= tol (in a's mass units; PTA: 1e-5)
              check_every:int=10,      # iterations between marginal checks (each check is one device sync)
-             chunk_size:int|None=None,# problems solved together; default 16384 on CPU (cache), all on GPU
+             chunk_size:int|None=None,# problems solved together; default 4096 on CPU (cache), all on GPU
              log:bool=False,          # also return a `SinkhornStats`
              validate:bool=True,      # value checks (NaN, negative or unequal masses); costs one sync
             ):                        # (...,n,m) plan in float32 (float64 if any input is float64) [, SinkhornStats]
     "Entropic OT plans for a batch of problems by stabilised log-domain Sinkhorn (Cuturi 2013; Schmitzer 2019)."
     batch = _check(a, b, C, reg, max_iter, tol)
-    dt = torch.float64 if torch.float64 in (a.dtype, b.dtype, C.dtype) else torch.float32
+    dt, f64 = (torch.float64 if torch.float64 in (a.dtype, b.dtype, C.dtype) else torch.float32), torch.float64
     n, m = C.shape[-2:]
     A, B_ = a.to(dt).expand(*batch, n).reshape(-1, n), b.to(dt).expand(*batch, m).reshape(-1, m)
-    Cf = C.to(dt).expand(*batch, n, m).reshape(-1, n, m)
+    Cf = C.to(dt).expand(*batch, n, m).reshape(-1, n * m)
     ma, mb = A.sum(-1), B_.sum(-1)
     if validate: _check_values(A, B_, Cf, ma, mb, _mass_rtol(a, b))
-    A, B_ = (A / ma[:, None]).double(), (B_ / mb[:, None]).double()
-    K = Cf.double() * (-1. / reg)                       # potentials and K in float64: plan entries exact to dt rounding
-    N = K.shape[0]
-    cs = N if chunk_size is None and K.is_cuda else int(chunk_size or 16384)
-    U, V, its = torch.empty_like(A), torch.empty_like(B_), torch.empty(N, dtype=torch.int32, device=K.device)
-    for s in range(0, N, max(cs, 1)):
-        sl = slice(s, s + cs)
-        U[sl], V[sl], its[sl] = _sinkhorn_flat(K[sl], A[sl], B_[sl], tol / ma[sl].double(), int(max_iter),
-                                               max(int(check_every), 1), dt)
-    ma = ma.double()
-    P64 = (K + U[:, :, None] + V[:, None, :]).exp_() * ma[:, None, None]
-    P = P64.to(dt)
+    A, B_, ma = (A / ma[:, None]).double(), (B_ / mb[:, None]).double(), ma.double()
+    N, dev = Cf.shape[0], Cf.device
+    cs = max(N if chunk_size is None and Cf.is_cuda else int(chunk_size or _CPU_CHUNK), 1)
+    U, V, its = torch.empty_like(A), torch.empty_like(B_), torch.empty(N, dtype=torch.int32, device=dev)
+    P, err = torch.empty(N, n * m, dtype=dt, device=dev), torch.empty(N, dtype=f64, device=dev)
+    Kbuf = torch.empty(n * m * min(cs, N), dtype=f64, device=dev)
+    for s in range(0, N, cs):                            # per chunk, problems last: K (n,m,Bc) = -C/reg in float64
+        sl = slice(s, s + cs); Bc = Cf[sl].shape[0]
+        K = Kbuf[:n * m * Bc].view(n * m, Bc).copy_(Cf[sl].t()).mul_(-1. / reg).view(n, m, Bc)
+        At, Bt = A[sl].t().contiguous(), B_[sl].t().contiguous()
+        u, v, its[sl] = _sinkhorn_flat(K, At, Bt, tol / ma[sl], int(max_iter), max(int(check_every), 1), dt)
+        U[sl], V[sl] = u.t(), v.t()
+        Pc = _exp_flush_(torch.add(K.add_(u[:, None, :]), v[None], out=torch.empty(K.shape, dtype=dt, device=dev)))
+        P[sl] = Pc.mul_(ma[sl].to(dt)).view(n * m, Bc).t()   # plan = exp(K + u + v) * mass, from the float64 potentials
+        if log: err[sl] = torch.maximum((Pc.sum(1, dtype=f64) - At * ma[sl]).abs().sum(0),
+                                        (Pc.sum(0, dtype=f64) - Bt * ma[sl]).abs().sum(0))
     if not log: return P.view(*batch, n, m)
-    err = torch.maximum((P64.sum(-1) - A * ma[:, None]).abs().sum(-1), (P64.sum(-2) - B_ * ma[:, None]).abs().sum(-1))
     f, g = reg * (U + ma.log()[:, None]), reg * V
     f, g, err = f.to(dt), g.to(dt), err.to(dt)
     return P.view(*batch, n, m), SinkhornStats(its.view(batch), err.view(batch), (err <= tol).view(batch),

@@ -47,6 +47,16 @@ def test_dtw_matrix_against_loop():
         for j in range(9): D[i+1, j+1] = C[i, j] + min(D[i, j], D[i, j+1], D[i+1, j])
     np.testing.assert_array_equal(dtw_matrix(C), D[1:, 1:])
 
+def test_dtw_matrix_both_orientations():
+    "The DP runs over the shorter side and is transposed back: tall, wide, square and one-row/column matrices."
+    rng = np.random.default_rng(3)
+    for shape in [(9, 7), (7, 9), (1, 5), (5, 1), (6, 6)]:
+        C = rng.integers(0, 5, shape)
+        D = np.full((shape[0] + 1, shape[1] + 1), np.inf); D[0, 0] = 0
+        for i in range(shape[0]):
+            for j in range(shape[1]): D[i+1, j+1] = C[i, j] + min(D[i, j], D[i, j+1], D[i+1, j])
+        np.testing.assert_array_equal(dtw_matrix(C), D[1:, 1:])
+
 def test_rapidfuzz_cost_equals_python():
     s, t = ['▁naïve', 'Ġcaf', 'é', '##abs', '<0x0A>'], ['naive', 'café', 'Ċ', 'tabs']
     C = dtw_cost(s, t)
@@ -84,6 +94,15 @@ def test_mined_equals_bruteforce(toks):
     m, d = mined_vocab_map(S, T, ids=need, return_dist=True, workers=2)
     assert m.dtype == np.int32 and len(m) == 100 and (d > 0).all()
     for i, mi, di in zip(need, m, d): assert (int(mi), int(di)) == _brute(S[i], T), (S[i], T[mi])
+
+def test_mined_small_blocks_and_ties_equal_bruteforce():
+    "Id-ordered block scan with early stop and length cut: exact minimum, smallest id on ties, for any block size."
+    rng = np.random.default_rng(4)
+    T = list(dict.fromkeys(''.join(rng.choice(list('abc'), rng.integers(1, 7))) for _ in range(400)))
+    S = [''.join(rng.choice(list('abcd'), rng.integers(0, 9))) for _ in range(300)]      # duplicates, exact hits, ''
+    for block, max_bytes in [(1, 1 << 20), (3, 64), (2048, 256 << 20)]:
+        m, d = mined_vocab_map(S, T, block=block, max_bytes=max_bytes, workers=1, return_dist=True)
+        for q, mi, di in zip(S, m, d): assert (int(mi), int(di)) == _brute(q, T), (q, block)
 
 def test_mined_exact_and_full_length(toks):
     g = toks['gpt2']; T = token_texts(toks['llama'])
