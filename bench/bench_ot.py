@@ -10,9 +10,11 @@ The headline pair (fuselab cap 50 and the PTA loop) is timed interleaved, REPS t
 slice of its sample each time), and compared by the medians, so that both see the same load on a shared machine.
 Sampled solvers are timed per problem (their cost is linear in the number of problems). Reported: problems/s, speed-up
 of fuselab over each, mean iterations, max marginal error max(||P1-a||_1, ||P^T 1-b||_1) and the fraction of problems
-within tol. GPU branch: fuselab on 1M positions, CUDA-event timing, median of 5 after warm-up.
+within tol; and how many cores other processes used meanwhile (from /proc/stat): fuselab's 2-thread times need both
+cores free, and on a shared machine a busy neighbour slows every op's thread barrier (the 1-thread row is the fallback).
+GPU branch: fuselab on 1M positions, CUDA-event timing, median of 5 after warm-up.
 Writes bench/results/ot.json.   Usage: python bench/bench_ot.py  [env BENCH_OT_N=100000]"""
-import json, os, platform, statistics, time, warnings
+import json, os, platform, resource, statistics, time, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -23,7 +25,7 @@ THREADS = 2
 torch.set_num_threads(THREADS)
 N = int(os.environ.get('BENCH_OT_N', 100_000))
 REG, TOL, LAM = 1 / 30, 1e-5, 30.
-REPS, N_REF, N_POT, N_BATCH = 3, 1000, 50, 2000   # interleaved repeats; per-repeat sample of the PTA loop; other samples
+REPS, N_REF, N_POT, N_BATCH = 5, 1000, 50, 2000   # interleaved repeats; per-repeat sample of the PTA loop; other samples
 
 def marg_err(P, a, b):                             # (B,n,m) float64 numpy -> (B,) L1 marginal error
     b = b * (a.sum(-1) / b.sum(-1))[:, None]
@@ -46,6 +48,19 @@ def row(name, n_timed, times, P, a, b, iters, note='', threads=None):
                 us_per_problem=secs / n_timed * 1e6, mean_iters=float(np.mean(iters)) if iters is not None else None,
                 max_marginal_err=float(e.max()), frac_within_tol=float((e <= TOL).mean()), threads=threads, note=note)
 
+def cpu_marks():
+    "(machine-wide busy CPU seconds, this process's CPU seconds): other processes' load = difference of the deltas / wall."
+    try:
+        j = [int(x) for x in open('/proc/stat').readline().split()[1:]]
+        busy = (sum(j) - j[3] - j[4]) / os.sysconf('SC_CLK_TCK')
+    except (OSError, ValueError, IndexError): busy = float('nan')
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return time.perf_counter(), busy, r.ru_utime + r.ru_stime
+
+def other_load(m0, m1):
+    "Average number of cores used by other processes between two `cpu_marks` (fuselab's 2 threads need both cores)."
+    return ((m1[1] - m0[1]) - (m1[2] - m0[2])) / (m1[0] - m0[0])
+
 def timed(f):
     t = time.perf_counter(); r = f(); return time.perf_counter() - t, r
 
@@ -56,11 +71,13 @@ def main():
     rows = []
     sinkhorn(a[:4096], b[:4096], C[:4096], REG, max_iter=50)                     # warm-up
     fl_t, ref_t, ref_res = [], [], []
+    m0 = m_start = cpu_marks()
     for r in range(REPS):                                                        # the headline pair, interleaved
         dt, (P50, st50) = timed(lambda: sinkhorn(a, b, C, REG, tol=TOL, max_iter=50, log=True)); fl_t.append(dt)
         sl = slice(r * N_REF, (r + 1) * N_REF)
         dt, res = timed(lambda: [pta_reference_sinkhorn(Cn[i], an[i], bn[i]) for i in range(sl.start, sl.stop)])
         ref_t.append(dt); ref_res += res
+    load_pair = other_load(m0, cpu_marks())
     rows.append(row('fuselab sinkhorn (torch CPU, cap 50)', N, fl_t, P50.numpy(), an, bn, st50.n_iter.numpy(), 'float32, all N', THREADS))
     nr = REPS * N_REF
     rows.append(row('PTA-LLM reference loop (numpy)', N_REF, ref_t, np.stack([p for p, _ in ref_res]), an[:nr], bn[:nr],
@@ -104,11 +121,14 @@ def main():
                 speedup_cap1000_vs_pta=ref['us_per_problem'] / f1k['us_per_problem'],
                 cap50_at_least_as_accurate=bool(f50['max_marginal_err'] <= ref['max_marginal_err'] and f50['frac_within_tol'] >= ref['frac_within_tol']),
                 second_thread_speedup=f1t['us_per_problem'] / f50['us_per_problem'],
-                speedup_cap50_vs_pta_per_rep=[rt / N_REF / (ft / N) for rt, ft in zip(ref['times_s'], f50['times_s'])])
+                speedup_cap50_vs_pta_per_rep=[rt / N_REF / (ft / N) for rt, ft in zip(ref['times_s'], f50['times_s'])],
+                other_processes_cores_during_pair=load_pair, other_processes_cores_whole_run=other_load(m_start, cpu_marks()))
     print(f"goal (>= 100x the PTA loop at the 50-iteration budget, accuracy at least the loop's): "
           f"{goal['speedup_cap50_vs_pta']:.0f}x (per interleaved repeat: {', '.join(f'{x:.0f}x' for x in goal['speedup_cap50_vs_pta_per_rep'])}); "
           f"max err {f50['max_marginal_err']:.2f} vs {ref['max_marginal_err']:.2f}, within tol {f50['frac_within_tol']:.1%} vs {ref['frac_within_tol']:.1%}; "
           f"cap 1000: {goal['speedup_cap1000_vs_pta']:.1f}x; 2 threads vs 1: {goal['second_thread_speedup']:.2f}x")
+    print(f"other processes used {goal['other_processes_cores_during_pair']:.2f} cores on average during the interleaved pair "
+          f"({goal['other_processes_cores_whole_run']:.2f} over the run); the 2-thread times need both cores free")
     out = dict(workload='B3', n_positions=N, shape=[10, 10], reg=REG, tol=TOL, device='cpu', threads=THREADS,
                cpu=platform.processor() or platform.machine(), versions=dict(torch=torch.__version__, pot=ot.__version__, numpy=np.__version__),
                rows=rows, goal=goal)

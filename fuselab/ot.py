@@ -23,41 +23,63 @@ def _exp_flush_(x:torch.Tensor)->torch.Tensor:
     fl = _floor(x.dtype)
     return F.threshold_(x.clamp_min_(fl).exp_(), math.exp(fl) * (1 + 4 * torch.finfo(x.dtype).eps), 0.)
 
-def _lse(x:torch.Tensor, dim:int, dtype:torch.dtype|None=None)->torch.Tensor:
-    "Log-sum-exp over `dim` (`x` is left unchanged); the shifted exponentials are computed in `dtype` (default: x's dtype)."
+def _view(flat:torch.Tensor|None, shape, dtype, device)->torch.Tensor:
+    "The first elements of a reusable flat buffer as a contiguous tensor of `shape` (a new tensor without a buffer)."
+    return torch.empty(shape, dtype=dtype, device=device) if flat is None else flat[:math.prod(shape)].view(shape)
+
+def _lse(x:torch.Tensor, dim:int, dtype:torch.dtype|None=None,
+         tmp:torch.Tensor|None=None, tmp_dt:torch.Tensor|None=None)->torch.Tensor:
+    "Log-sum-exp over `dim` (`x` is left unchanged); the shifted exponentials in `dtype` (default: x's); optional scratch buffers."
+    dtype = dtype or x.dtype
     mx = x.amax(dim, keepdim=True)
     mx = torch.where(torch.isfinite(mx), mx, torch.zeros((), dtype=x.dtype, device=x.device))
-    y = torch.sub(x, mx, out=torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device))
-    y.clamp_min_(_floor(y.dtype)).exp_()                 # a floor term e^-87 next to the leading 1 changes nothing
-    return y.sum(dim, dtype=x.dtype).log_().add_(mx.squeeze(dim))
+    y = torch.sub(x, mx, out=_view(tmp, x.shape, x.dtype, x.device))   # same-dtype op, then cast: a mixed-dtype `out=` is slow
+    if dtype != x.dtype: y = _view(tmp_dt, x.shape, dtype, x.device).copy_(y)
+    y.clamp_min_(_floor(dtype)).exp_()                   # a floor term e^-87 next to the leading 1 changes nothing
+    return y.sum(dim).to(x.dtype).log_().add_(mx.squeeze(dim))
 
 # %% ../nbs/04_ot.ipynb #a2ed4b44
 _CPU_CHUNK = 4096     # problems per chunk on CPU: kernel + product buffer (2 x 1.6 MB float32) stay in cache
+
+def _workspace(size:int, dtype:torch.dtype, device)->dict:
+    "Flat scratch buffers reused by every chunk (on CPU a fresh large tensor costs page faults): K, exponent, temp, kernel..."
+    f64 = torch.float64
+    return dict(K=torch.empty(size, dtype=f64, device=device), arg=torch.empty(size, dtype=f64, device=device),
+                tmp=torch.empty(size, dtype=f64, device=device), y=torch.empty(size, dtype=dtype, device=device),
+                kt=torch.empty(size, dtype=dtype, device=device), buf=torch.empty(size, dtype=dtype, device=device))
 
 def _sinkhorn_flat(K:torch.Tensor,    # (n,m,B) float64 -C/reg, problems last (contiguous)
                    a:torch.Tensor,    # (n,B) float64 unit-mass row marginals
                    b:torch.Tensor,    # (m,B) float64 unit-mass column marginals
                    tol:torch.Tensor,  # (B,) tolerance on ||P1 - a||_1 in unit-mass terms
                    max_iter:int, every:int,
-                   dtype:torch.dtype=torch.float32): # dtype of the inner scaling iterations
-    "Stabilised Sinkhorn on unit-mass problems stored problems-last; returns float64 `u (n,B)`, `v (m,B)`, iterations `(B,)`."
+                   dtype:torch.dtype=torch.float32, # dtype of the inner scaling iterations
+                   work:dict|None=None):            # `_workspace` buffers of at least K.numel() elements
+    "Stabilised Sinkhorn on unit-mass problems stored problems-last: float64 `u (n,B)`, `v (m,B)`, iterations `(B,)`, `fin`."
+    # fin: None, or (plan, done) when every problem stayed in the active set: the (n,m,B) plan of the problems still
+    # iterating at the cap, alpha * kernel * beta in `dtype`, which spares recomputing exp(K + u + v); `done` marks the
+    # problems that converged earlier, whose columns of `plan` are not theirs
     n, m, B = K.shape
     dev, f64, tiny = K.device, torch.float64, torch.finfo(dtype).tiny
-    u = a.log() - _lse(K, 1, dtype)                      # first iteration in the log domain (v = 0)
-    arg = K + u[:, None, :]                              # exponent K + u + v of the absorbed kernel, float64
-    v = b.log() - _lse(arg, 0, dtype)
+    w = dict(work or _workspace(K.numel(), dtype, dev))
+    aa, ba, ta = a.to(dtype), b.to(dtype), tol
+    u = a.log() - _lse(K, 1, dtype, w['tmp'], w['y'])    # first iteration in the log domain (v = 0), rows ...
+    arg = torch.add(K, u[:, None, :], out=_view(w['arg'], K.shape, f64, dev))   # exponent K + u + v of the kernel
+    mx = arg.amax(0, keepdim=True)                       # ... then columns; their shifted exponentials, rescaled,
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros((), dtype=f64, device=dev))   # are the first kernel
+    kt = _view(w['kt'], K.shape, dtype, dev)
+    t = torch.sub(arg, mx, out=kt if dtype == f64 else _view(w['tmp'], K.shape, f64, dev))
+    cs = _exp_flush_(kt if dtype == f64 else kt.copy_(t)).sum(0)          # exp(arg - max_i arg): column sums >= 1
+    v = b.log() - cs.double().log() - mx[0]
     arg.add_(v[None])
+    F.threshold_(kt.mul_((ba / cs)[None]), math.exp(_floor(dtype)), 0.)    # = exp(K + u + v), below-normal -> 0
     U, V, its = torch.empty_like(u), torch.empty_like(v), torch.ones(B, dtype=torch.int32, device=dev)
     act, it, done = torch.arange(B, device=dev), 1, torch.zeros(B, dtype=torch.bool, device=dev)
-    aa, ba, ta = a.to(dtype), b.to(dtype), tol
-    kt_s = None if dtype == f64 else torch.empty(n * m * B, dtype=dtype, device=dev)   # buffers, reused
-    buf_s = torch.empty(n * m * B, dtype=dtype, device=dev)
     while it < max_iter:
-        shp = (n, m, act.numel())
-        kt = _exp_flush_(arg.clone() if dtype == f64 else kt_s[:arg.numel()].view(shp).copy_(arg))   # current plan
+        if it > 1: kt = _exp_flush_(_view(w['kt'], arg.shape, dtype, dev).copy_(arg))   # rebuilt: current plan
         # below-normal entries are 0, not the floor: a floor entry scaled by a huge alpha would create mass the true plan
         # does not have; an all-zero row is brought back by the next absorption
-        buf = buf_s[:arg.numel()].view(shp)
+        buf = _view(w['buf'], arg.shape, dtype, dev)
         alpha, beta, c, s = torch.empty_like(aa), torch.empty_like(ba), torch.empty_like(ba), kt.sum(1)
         steps = min(every, max_iter - it)
         for _ in range(steps):
@@ -68,23 +90,27 @@ def _sinkhorn_flat(K:torch.Tensor,    # (n,m,B) float64 -C/reg, problems last (c
         it += steps
         la, lb = alpha.log().double(), beta.log().double()
         u.add_(la); v.add_(lb)
-        new = (alpha.mul_(s).sub_(aa).abs_().sum(0) <= ta) & ~done                 # ||P1 - a||_1 <= tol, first time
         if it >= max_iter: break
+        new = (alpha.mul_(s).sub_(aa).abs_().sum(0) <= ta) & ~done                 # ||P1 - a||_1 <= tol, first time
         if bool(new.any()):
             i = new.nonzero()[:, 0]; ia = act[i]
             U[:, ia], V[:, ia], its[ia] = u[:, i], v[:, i], it
             done |= new
             nd, na = int(done.sum()), done.numel()
-            if nd == na: return U, V, its
+            if nd == na: return U, V, its, None
             if nd * min(-(-(max_iter - it) // every), 10) >= na - nd:               # compaction saves more than it costs
                 k = (~done).nonzero()[:, 0]
                 act, u, v, la, lb, aa, ba, ta, done = (act[k], u[:, k], v[:, k], la[:, k], lb[:, k], aa[:, k], ba[:, k],
                                                        ta[k], done[k])
-                arg = arg.view(n * m, -1).index_select(1, k).view(n, m, -1)
+                dst = _view(w['tmp'], (n * m, len(k)), f64, dev)                     # gather into the other buffer
+                arg = torch.index_select(arg.view(n * m, -1), 1, k, out=dst).view(n, m, -1)
+                w['arg'], w['tmp'] = w['tmp'], w['arg']
         arg.add_(la[:, None, :]).add_(lb[None])                                     # absorb: exponent of the new kernel
     k = (~done).nonzero()[:, 0]; ia = act[k]
     U[:, ia], V[:, ia], its[ia] = u[:, k], v[:, k], it
-    return U, V, its
+    if max_iter == 1 or act.numel() < B: return U, V, its, None
+    plan = kt.mul_(alpha[:, None, :]).mul_(beta[None])
+    return U, V, its, (F.threshold_(plan, math.exp(_floor(dtype)), 0.), done)
 
 # %% ../nbs/04_ot.ipynb #cb486b15
 class SinkhornStats(NamedTuple):
@@ -154,22 +180,36 @@ def sinkhorn(a:torch.Tensor,          # (...,n) row masses >= 0, any float dtype
     Cf = C.to(dt).expand(*batch, n, m).reshape(-1, n * m)
     ma, mb = A.sum(-1), B_.sum(-1)
     if validate: _check_values(A, B_, Cf, ma, mb, _mass_rtol(a, b))
-    A, B_, ma = (A / ma[:, None]).double(), (B_ / mb[:, None]).double(), ma.double()
+    A, B_ = A.double(), B_.double()                      # unit masses normalised in float64: P1 = a to float64 rounding
+    ma, mb = A.sum(-1), B_.sum(-1)
+    A, B_ = A / ma[:, None], B_ / mb[:, None]
     N, dev = Cf.shape[0], Cf.device
     cs = max(N if chunk_size is None and Cf.is_cuda else int(chunk_size or _CPU_CHUNK), 1)
     U, V, its = torch.empty_like(A), torch.empty_like(B_), torch.empty(N, dtype=torch.int32, device=dev)
     P, err = torch.empty(N, n * m, dtype=dt, device=dev), torch.empty(N, dtype=f64, device=dev)
-    Kbuf = torch.empty(n * m * min(cs, N), dtype=f64, device=dev)
+    w = _workspace(n * m * min(cs, N), dt, dev)
     for s in range(0, N, cs):                            # per chunk, problems last: K (n,m,Bc) = -C/reg in float64
         sl = slice(s, s + cs); Bc = Cf[sl].shape[0]
-        K = Kbuf[:n * m * Bc].view(n * m, Bc).copy_(Cf[sl].t()).mul_(-1. / reg).view(n, m, Bc)
+        K = _view(w['K'], (n * m, Bc), f64, dev).copy_(Cf[sl].t()).mul_(-1. / reg).view(n, m, Bc)
         At, Bt = A[sl].t().contiguous(), B_[sl].t().contiguous()
-        u, v, its[sl] = _sinkhorn_flat(K, At, Bt, tol / ma[sl], int(max_iter), max(int(check_every), 1), dt)
+        tu = tol / ma[sl]                                # unit-mass tol; the check sees the dt kernel, the returned plan is
+        tu = torch.maximum(tu - 4 * torch.finfo(dt).eps, tu / 2)   # recomputed: 4 ulps of margin keep it within tol
+        u, v, its[sl], fin = _sinkhorn_flat(K, At, Bt, tu, int(max_iter), max(int(check_every), 1), dt, w)
         U[sl], V[sl] = u.t(), v.t()
-        Pc = _exp_flush_(torch.add(K.add_(u[:, None, :]), v[None], out=torch.empty(K.shape, dtype=dt, device=dev)))
-        P[sl] = Pc.mul_(ma[sl].to(dt)).view(n * m, Bc).t()   # plan = exp(K + u + v) * mass, from the float64 potentials
-        if log: err[sl] = torch.maximum((Pc.sum(1, dtype=f64) - At * ma[sl]).abs().sum(0),
-                                        (Pc.sum(0, dtype=f64) - Bt * ma[sl]).abs().sum(0))
+        t = _view(w['tmp'], K.shape, f64, dev)
+        if fin is None:                                  # plan = exp(K + u + v), from the float64 potentials
+            torch.add(K.add_(u[:, None, :]), v[None], out=t)
+            Pc = _exp_flush_(t if dt == f64 else _view(w['y'], K.shape, dt, dev).copy_(t))
+        else:                                            # alpha * kernel * beta; early-converged problems recomputed
+            Pc, done = fin; d = done.nonzero()[:, 0]
+            if len(d):
+                Kd = K.view(n * m, Bc).index_select(1, d).view(n, m, -1).add_(u[:, None, d]).add_(v[None, :, d])
+                Pc.view(n * m, Bc).index_copy_(1, d, _exp_flush_(Kd.to(dt)).view(n * m, -1))
+        Pc.mul_(ma[sl].to(dt))
+        P[sl] = Pc.view(n * m, Bc).t()
+        if log:                                          # marginal errors of the returned plan, summed in float64
+            P64 = Pc if dt == f64 else t.copy_(Pc)
+            err[sl] = torch.maximum((P64.sum(1) - At * ma[sl]).abs().sum(0), (P64.sum(0) - Bt * ma[sl]).abs().sum(0))
     if not log: return P.view(*batch, n, m)
     f, g = reg * (U + ma.log()[:, None]), reg * V
     f, g, err = f.to(dt), g.to(dt), err.to(dt)

@@ -56,6 +56,14 @@ def test_early_stop_per_problem_and_cap():
     _, st1 = sinkhorn(a, b, C, 1/30, max_iter=1, log=True)
     assert (st1.n_iter == 1).all()
 
+@pytest.mark.parametrize('reg', [1/30, 0.2, 1.0])
+def test_stopped_early_means_converged(reg):
+    "The stopping check runs on the float32 kernel; the returned (recomputed) plan must still meet tol wherever it stopped."
+    a, b, C = synthetic_pta_problems(5000, seed=11)
+    _, st = sinkhorn(a, b, C, reg, tol=1e-5, max_iter=3000, log=True)
+    early = st.n_iter < 3000
+    assert early.float().mean() > 0.9 and st.converged[early].all(), float(st.err[early].max())
+
 def test_reg_to_zero_approaches_emd():
     rng = np.random.default_rng(1)
     for n, m in [(4, 6), (8, 8)]:
@@ -109,6 +117,17 @@ def test_large_single_problem():
     np.testing.assert_allclose(P.numpy(), G, atol=1e-6, rtol=0)
     P32, st32 = sinkhorn(torch.tensor(a).float(), torch.tensor(b).float(), torch.tensor(M).float(), 0.01, tol=1e-5, log=True)
     assert P32.dtype == torch.float32 and st32.converged and (P32 - torch.tensor(G)).abs().max() < 1e-5
+
+def test_plan_at_the_cap_matches_potentials():
+    "At the cap the plan is alpha * kernel * beta (early-converged problems: from their recorded potentials); both = exp((f+g-C)/reg)."
+    a, b, C = synthetic_pta_problems(300, seed=9)
+    P, st = sinkhorn(a.double(), b.double(), C.double(), 1/30, max_iter=50, log=True)
+    assert st.converged.any() and not st.converged.all()                      # both routes are used
+    torch.testing.assert_close(P, torch.exp((st.f[:, :, None] + st.g[:, None, :] - C.double()) * 30), rtol=1e-9, atol=1e-12)
+    P32, st32 = sinkhorn(a, b, C, 1/30, max_iter=50, log=True)
+    b_ = b.double() * (a.double().sum(-1) / b.double().sum(-1))[:, None]
+    err = torch.maximum((P32.double().sum(-1) - a.double()).abs().sum(-1), (P32.double().sum(-2) - b_).abs().sum(-1))
+    torch.testing.assert_close(st32.err.double(), err, rtol=0, atol=1e-6)     # reported error = the returned plan's
 
 def test_potentials_reproduce_plan_and_mass_scaling():
     a, b, C = synthetic_pta_problems(50, seed=8)
