@@ -18,8 +18,8 @@ from .core import IGNORE_INDEX, check_vocab_width
 from .data import validate_record, is_conversational, TopKStore, StoreError, atomic_write, extract_topk, pad_records
 from .align import token_texts, dtw_matrix, alignment_from_pairs, TokenAlignment, Projected, _squash, _backtrack, _ORDERS, _dedupe_keep_first
 from .testing import train_tokenizer, tiny_lm, skill_data, greedy_accuracy, train_clm, SKILLS
-from .fusellm import (FusionArguments, FusionTrainer, FusionCollator, next_token_labels, _tokenizer, _model, _open_store,
-                             _last_whole_checkpoint, _write_jsonl, _train_records, _train_and_save, _summarise, _print_table)
+from .fusellm import (FusionArguments, next_token_labels, config_from_yaml, train_fusion, _tokenizer, _model, _open_store,
+                             _write_jsonl, _train_records, _train_and_save, _summarise, _print_table)
 from .merge import merge_models
 
 # %% auto #0
@@ -291,19 +291,7 @@ class FuseChatConfig:
         if len(set(names)) < len(names): raise ValueError(f'merge entries share a name {names}: give each a distinct `name`')
 
     @classmethod
-    def from_yaml(cls, path):
-        "Read a config from YAML; model and data paths that exist next to the file, and `out_dir`, resolve against its folder."
-        import yaml
-        d, base = yaml.safe_load(Path(path).read_text()), Path(path).resolve().parent
-        if not isinstance(d, dict): raise ValueError(f'{path} must hold a YAML mapping of FuseChatConfig fields')
-        bad = set(d) - {f.name for f in fields(cls)}
-        if bad: raise ValueError(f'{path}: unknown field(s) {sorted(bad)}; valid: {[f.name for f in fields(cls)]}')
-        near = lambda p: str(base/p) if not Path(p).is_absolute() and (base/p).exists() else p   # else a hub id or cwd-relative
-        for k in ('pivot', 'data'):
-            if k in d: d[k] = near(d[k])
-        if 'out_dir' in d and not Path(d['out_dir']).is_absolute(): d['out_dir'] = str(base/d['out_dir'])
-        d['sources'] = {n: near(p) for n, p in (d.get('sources') or {}).items()}
-        return cls(**d)
+    def from_yaml(cls, path): return config_from_yaml(cls, path, ('pivot', 'data'))
 
     @property
     def out(self)->Path: return Path(self.out_dir)
@@ -405,22 +393,8 @@ def _train_target(cfg:FuseChatConfig, run:str, stores:list, enc:list, progress:b
     "Train one copy of the pivot into `out_dir/train/<run>` with `FusionTrainer` (resumes; `results.json` marks it done)."
     d = cfg.out/'train'/run
     if (d/'results.json').exists(): return json.loads((d/'results.json').read_text())
-    tok, model = _tokenizer(cfg.pivot), _model(cfg.pivot)
     recs, st = _train_records(cfg, stores, enc)
-    kw = dict(dict(report_to='none', save_steps=200, save_total_limit=2, logging_steps=10, disable_tqdm=not progress), **cfg.train)
-    kw.update(overrides)
-    if not torch.cuda.is_available(): kw.setdefault('use_cpu', True)
-    tr = FusionTrainer(model=model, args=FusionArguments(output_dir=str(d), **kw), train_dataset=recs,
-                       data_collator=FusionCollator(stores, tok.pad_token_id))
-    if not progress:
-        from transformers import PrinterCallback
-        tr.remove_callback(PrinterCallback)
-    last = _last_whole_checkpoint(d)
-    tr.train(resume_from_checkpoint=last)
-    tr.save_model(str(d/'final')); tok.save_pretrained(d/'final')
-    res = dict(st, resumed_from=Path(last).name if last else None, log=[h for h in tr.state.log_history if 'loss' in h])
-    atomic_write(d/'results.json', json.dumps(res, indent=1))
-    return res
+    return train_fusion(_model(cfg.pivot), _tokenizer(cfg.pivot), recs, stores, d, dict(cfg.train, **overrides), st, progress)
 
 def fusechat_train(cfg:FuseChatConfig, progress:bool=True)->dict:
     "Stage 3: one pairwise target per source, `out_dir/train/<source>/final`."

@@ -23,8 +23,9 @@ from .pta import pta_align_position_batch
 
 # %% auto #0
 __all__ = ['EXPERIMENT_SKILLS', 'EXPERIMENT_ARMS', 'load_records', 'encode', 'encode_all', 'ce_to_char', 'fusion_vocab_map',
-           'align_batch', 'FusionCollator', 'FusionArguments', 'next_token_labels', 'FusionTrainer', 'FuseLLMConfig',
-           'fusellm_extract', 'fusellm_align', 'fusellm_train', 'fusellm_run', 'answer_nll', 'fusellm_experiment']
+           'align_batch', 'FusionCollator', 'FusionArguments', 'next_token_labels', 'FusionTrainer', 'config_from_yaml',
+           'FuseLLMConfig', 'fusellm_extract', 'fusellm_align', 'fusellm_train', 'train_fusion', 'fusellm_run',
+           'answer_nll', 'fusellm_experiment']
 
 # %% ../nbs/10_fusellm.ipynb #fe9235b7
 def load_records(path)->list[dict]:
@@ -203,6 +204,20 @@ class FusionTrainer(Trainer):
         super().log(logs, *args, **kw)
 
 # %% ../nbs/10_fusellm.ipynb #e9bd338d
+def config_from_yaml(cls, path, path_fields:Sequence[str]):
+    "A pipeline config dataclass from YAML: `path_fields` and `sources` that exist next to the file, and `out_dir`, resolve against its folder."
+    import yaml
+    d, base = yaml.safe_load(Path(path).read_text()), Path(path).resolve().parent
+    if not isinstance(d, dict): raise ValueError(f'{path} must hold a YAML mapping of {cls.__name__} fields')
+    bad = set(d) - {f.name for f in fields(cls)}
+    if bad: raise ValueError(f'{path}: unknown field(s) {sorted(bad)}; valid: {[f.name for f in fields(cls)]}')
+    near = lambda p: str(base/p) if not Path(p).is_absolute() and (base/p).exists() else p   # else a hub id or cwd-relative
+    for k in path_fields:
+        if k in d: d[k] = near(d[k])
+    if 'out_dir' in d and not Path(d['out_dir']).is_absolute(): d['out_dir'] = str(base/d['out_dir'])
+    d['sources'] = {n: near(p) for n, p in (d.get('sources') or {}).items()}
+    return cls(**d)
+
 @dataclass
 class FuseLLMConfig:
     "A FuseLLM run: models, data, alignment and training settings (defaults: the official recipe; the one-hot fallback follows the paper, see `onehot_fallback`)."
@@ -238,19 +253,7 @@ class FuseLLMConfig:
         if set(self.pta) - ok: raise ValueError(f'unknown pta option(s) {sorted(set(self.pta) - ok)}: use {sorted(ok)}')
 
     @classmethod
-    def from_yaml(cls, path):
-        "Read a config from YAML; model and data paths that exist next to the file, and `out_dir`, resolve against its folder."
-        import yaml
-        d, base = yaml.safe_load(Path(path).read_text()), Path(path).resolve().parent
-        if not isinstance(d, dict): raise ValueError(f'{path} must hold a YAML mapping of FuseLLMConfig fields')
-        bad = set(d) - {f.name for f in fields(cls)}
-        if bad: raise ValueError(f'{path}: unknown field(s) {sorted(bad)}; valid: {[f.name for f in fields(cls)]}')
-        near = lambda p: str(base/p) if not Path(p).is_absolute() and (base/p).exists() else p   # else a hub id or cwd-relative
-        for k in ('target', 'data'):
-            if k in d: d[k] = near(d[k])
-        if 'out_dir' in d and not Path(d['out_dir']).is_absolute(): d['out_dir'] = str(base/d['out_dir'])
-        d['sources'] = {n: near(p) for n, p in (d.get('sources') or {}).items()}
-        return cls(**d)
+    def from_yaml(cls, path): return config_from_yaml(cls, path, ('target', 'data'))
 
     @property
     def out(self)->Path: return Path(self.out_dir)
@@ -373,17 +376,21 @@ def fusellm_train(cfg:FuseLLMConfig, progress:bool=True)->dict:
     recs, st = _train_records(cfg, stores, enc['t'])
     if cfg.ce_unit == 'char' and cfg.with_target_teacher and stores:   # aligned stores hold per-char CE already
         recs = [dict(e, ce_scale=[ce_to_char(1., e, by_key[e['key']])] + [1.] * len(cfg.sources)) for e in recs]
-    kw = dict(dict(report_to='none', save_steps=200, save_total_limit=2, logging_steps=10, disable_tqdm=not progress), **cfg.train)
+    return train_fusion(model, tok, recs, stores, d, cfg.train, st, progress)
+
+def train_fusion(model, tok, recs:list, stores:list, d:Path, train:dict, stats:dict, progress:bool=True)->dict:
+    "Train `model` with `FusionTrainer` into `d` (resuming from its last whole checkpoint); save `d/final` and, last, `d/results.json`."
+    kw = dict(dict(report_to='none', save_steps=200, save_total_limit=2, logging_steps=10, disable_tqdm=not progress), **train)
     if not torch.cuda.is_available(): kw.setdefault('use_cpu', True)
-    args = FusionArguments(output_dir=str(d), **kw)
-    tr = FusionTrainer(model=model, args=args, train_dataset=recs, data_collator=FusionCollator(stores, tok.pad_token_id))
+    tr = FusionTrainer(model=model, args=FusionArguments(output_dir=str(d), **kw), train_dataset=recs,
+                       data_collator=FusionCollator(stores, tok.pad_token_id))
     if not progress:
         from transformers import PrinterCallback
         tr.remove_callback(PrinterCallback)
     last = _last_whole_checkpoint(d)
     tr.train(resume_from_checkpoint=last)
     tr.save_model(str(d/'final')); tok.save_pretrained(d/'final')
-    res = dict(st, resumed_from=Path(last).name if last else None, log=[h for h in tr.state.log_history if 'loss' in h])
+    res = dict(stats, resumed_from=Path(last).name if last else None, log=[h for h in tr.state.log_history if 'loss' in h])
     atomic_write(d/'results.json', json.dumps(res, indent=1))
     return res
 

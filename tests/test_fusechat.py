@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from fuselab.core import IGNORE_INDEX
+from fuselab.align import levenshtein as _lev     # plain-Python oracle (itself tested against rapidfuzz)
 from fuselab.testing import real_tokenizer, train_tokenizer, tiny_lm, skill_data, CHAT_TEMPLATE
 from fuselab.fusechat import (VocabTexts, ms_align, ms_token_counts, TokenCounts, ms_vocab_map, ms_id_map, ms_project_topk,
                               render_chat, encode_chat, chat_messages, chat_skill_records, FuseChatConfig, fusechat_run,
@@ -12,14 +13,6 @@ from fuselab.fusechat import (VocabTexts, ms_align, ms_token_counts, TokenCounts
 
 TEXTS = ['Tokenizers disagree about unbelievable words.', 'The  quick brown fox\njumps over 13 lazy dogs!',
          "Qwen's vocabulary: 151,643 tokens; Llama-2's: 32,000.", '  indented code:\n    return x**2  # square']
-
-def _lev(a, b):
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1): cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
 
 def _ref_dtw(src, tgt):
     "FuseChat `dtw(series_1=source, series_2=pivot)` with its `dist_fn` (empty-string rule), [diag, left, up] backtrack."
