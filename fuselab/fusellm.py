@@ -213,7 +213,7 @@ def config_from_yaml(cls, path, path_fields:Sequence[str]):
     if bad: raise ValueError(f'{path}: unknown field(s) {sorted(bad)}; valid: {[f.name for f in fields(cls)]}')
     near = lambda p: str(base/p) if not Path(p).is_absolute() and (base/p).exists() else p   # else a hub id or cwd-relative
     for k in path_fields:
-        if k in d: d[k] = near(d[k])
+        if d.get(k) is not None: d[k] = near(d[k])
     if 'out_dir' in d and not Path(d['out_dir']).is_absolute(): d['out_dir'] = str(base/d['out_dir'])
     d['sources'] = {n: near(p) for n, p in (d.get('sources') or {}).items()}
     return cls(**d)

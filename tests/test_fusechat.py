@@ -1,5 +1,5 @@
 "FuseChat: MS token alignment against naive ports of the reference semantics, chat rendering, resumable pipeline, CLI."
-import json, subprocess, sys
+import copy, json, subprocess, sys
 from pathlib import Path
 import numpy as np
 import pytest
@@ -157,7 +157,7 @@ def test_project_equals_naive_rules(rule):
         assert p.stats['transferred'] > 0
 
 def test_chat_spans_and_labels_multi_turn():
-    tok = real_tokenizer('gpt2'); tok.chat_template = CHAT_TEMPLATE
+    tok = copy.deepcopy(real_tokenizer('gpt2')); tok.chat_template = CHAT_TEMPLATE   # a copy: real_tokenizer is cached and shared
     msgs = [dict(role='system', content='Be brief.'), dict(role='user', content='2+2?'), dict(role='assistant', content='4'),
             dict(role='user', content='And 3+3?'), dict(role='assistant', content='It is 6.')]
     text, spans = render_chat(tok, msgs)
