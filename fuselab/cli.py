@@ -30,6 +30,20 @@ def _fusechat(a):
     res = fusechat_run(cfg, stages, progress=not a.quiet)
     for st, r in res.items(): print(st, {k: {kk: vv for kk, vv in v.items() if kk != 'log'} if isinstance(v, dict) else v for k, v in r.items()})
 
+def _fusechat3(a):
+    from fuselab.fusechat3 import FuseChat3Config, fusechat3_run, STAGES
+    cfg = FuseChat3Config.from_yaml(a.config)
+    if a.out: cfg.out_dir = a.out
+    res = fusechat3_run(cfg, STAGES if a.stage == 'run' else (a.stage,), progress=not a.quiet)
+    for st, r in res.items(): print(st, {k: v for k, v in r.items() if k != 'log'})
+
+def _wrpo(a):
+    from fuselab.wrpo import WRPORunConfig, wrpo_run, WRPO_STAGES
+    cfg = WRPORunConfig.from_yaml(a.config)
+    if a.out: cfg.out_dir = a.out
+    res = wrpo_run(cfg, WRPO_STAGES if a.stage == 'run' else (a.stage,), progress=not a.quiet)
+    for st, r in res.items(): print(st, {k: v for k, v in r.items() if k != 'log'} if isinstance(r, dict) else r)
+
 def _merge(a):
     from fuselab.merge import merge_models
     r = merge_models(a.config, a.out, progress=not a.quiet, overwrite=a.overwrite)
@@ -58,6 +72,18 @@ def parser()->argparse.ArgumentParser:
     c.add_argument('--out', help='override out_dir from the config')
     c.add_argument('--quiet', action='store_true', help='no progress bars')
     c.set_defaults(func=_fusechat)
+    c3 = sub.add_parser('fusechat3', help='FuseChat-3.0 pipeline: sample -> score -> build (SFT targets, same-source DPO pairs) -> sft -> dpo, resumable')
+    c3.add_argument('stage', choices=['sample', 'score', 'build', 'sft', 'dpo', 'run'], help="a stage, or 'run' for all five in order")
+    c3.add_argument('config', help='YAML file of FuseChat3Config fields (see the fusechat3 docs page)')
+    c3.add_argument('--out', help='override out_dir from the config')
+    c3.add_argument('--quiet', action='store_true', help='no progress bars')
+    c3.set_defaults(func=_fusechat3)
+    w = sub.add_parser('wrpo', help='WRPO pipeline: sources (sample, score, y_ws) -> sft -> target (sample, score) -> build -> train, resumable')
+    w.add_argument('stage', choices=['sources', 'sft', 'target', 'build', 'train', 'run'], help="a stage, or 'run' for all five in order")
+    w.add_argument('config', help='YAML file of WRPORunConfig fields (see the wrpo docs page)')
+    w.add_argument('--out', help='override out_dir from the config')
+    w.add_argument('--quiet', action='store_true', help='no progress bars')
+    w.set_defaults(func=_wrpo)
     m = sub.add_parser('merge', help='parameter-space merge (linear, task_arithmetic, varm, sce) from a mergekit-like YAML, streamed over shards')
     m.add_argument('config', help='YAML merge config (merge_method, base_model, models, parameters; see the merge docs page)')
     m.add_argument('--out', help='output folder; overrides out_dir from the config')
