@@ -177,7 +177,7 @@ class _Flaky(BaseHTTPRequestHandler):
             if p == 'fail2' and k <= 2: return self._send(503, {'error': 'overloaded'})
             if p == 'rate' and k == 1: return self._send(429, {'error': 'slow down'}, {'Retry-After': '0.3'})
             if p == 'bad': return self._send(400, {'error': {'message': 'max_tokens is too large'}})
-            time.sleep(1.0 if p == 'slow' else 0.2 if p.startswith('p') else 0.05)   # 'p<i>': long enough to overlap under load
+            time.sleep(1.0 if p == 'slow' else 0.5 if p.startswith('p') else 0.05)   # 'p<i>': long enough to overlap under heavy CPU load
             self._send(200, {'choices': [{'index': i, 'text': f'{p}#{i}', 'finish_reason': 'length', 'token_ids': [1, 2]} for i in range(body['n'])]})
         finally:
             with cls.lock: cls.inflight -= 1
