@@ -135,7 +135,9 @@ def main():
     if torch.cuda.is_available():
         out['gpu'] = gpu_bench()
         print(f"GPU {out['gpu']['device']}: {out['gpu']['positions']} positions in {out['gpu']['median_s']:.3f} s "
-              f"-> {out['gpu']['positions_per_s']:.3g} positions/s (mean iters {out['gpu']['mean_iters']:.0f}, max err {out['gpu']['max_marginal_err']:.1e})")
+              f"-> {out['gpu']['positions_per_s']:.3g} positions/s (mean iters {out['gpu']['mean_iters']:.0f}, max err {out['gpu']['max_marginal_err']:.1e}, "
+              f"{out['gpu']['frac_of_copy_bw']:.1%} of the measured copy bandwidth {out['gpu']['copy_bw_bytes_per_s']/1e12:.2f} TB/s at the 2-reads-per-iteration floor); "
+              f"cap 50: {out['gpu']['cap50']['positions_per_s']:.3g} positions/s, {out['gpu']['cap50']['frac_of_copy_bw']:.1%}")
     out['wall_s'] = time.perf_counter() - t_start
     Path(__file__).parent.joinpath('results').mkdir(exist_ok=True)
     Path(__file__).parent.joinpath('results', 'ot.json').write_text(json.dumps(out, indent=1))
@@ -156,8 +158,16 @@ def gpu_bench(n=1_000_000, reps=5):
         rows[f'cap{cap}'] = dict(median_s=med, positions_per_s=n / med, mean_iters=float(st.n_iter.float().mean()),
                                  max_marginal_err=float(st.err.max()), frac_within_tol=float(st.converged.float().mean()),
                                  times_s=times)
+    # hardware limit, measured in this run: device-to-device copy bandwidth (bytes read + written per second)
+    x = torch.empty(2**30, dtype=torch.float32, device='cuda'); y = torch.empty_like(x); y.copy_(x)
+    torch.cuda.synchronize(); s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record(); [y.copy_(x) for _ in range(10)]; e.record(); torch.cuda.synchronize()
+    copy_bw = 10 * 2 * x.numel() * 4 / (s.elapsed_time(e) / 1e3); del x, y
+    for r in rows.values():   # floor: the fp32 kernel (n*m per problem) read twice per iteration (row and column sums)
+        r['bytes_floor'] = n * r['mean_iters'] * 2 * C.shape[-2] * C.shape[-1] * 4
+        r['frac_of_copy_bw'] = r['bytes_floor'] / r['median_s'] / copy_bw
     return dict(device=torch.cuda.get_device_name(), positions=n, **rows['cap1000'], cap50=rows['cap50'],
-                peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30)
+                copy_bw_bytes_per_s=copy_bw, peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30)
 
 if __name__ == '__main__':
     main()
