@@ -26,6 +26,7 @@ def run_variants(script:str, variants, dev:str)->dict:
     for v in variants:
         r = subprocess.run([sys.executable, script, '--one', v, dev], capture_output=True, text=True, check=True)
         rows[v] = json.loads(r.stdout.strip().splitlines()[-1])
+        print(f'  {v}: {rows[v]["seconds"]:.4f} s, peak extra {rows[v]["peak_extra_bytes"] / 2**20:.1f} MB', flush=True)   # partial results survive a timeout
     return rows
 
 def report(name:str, rows:dict, res:dict, summary:str)->dict:

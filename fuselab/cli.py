@@ -44,6 +44,13 @@ def _wrpo(a):
     res = wrpo_run(cfg, WRPO_STAGES if a.stage == 'run' else (a.stage,), progress=not a.quiet)
     for st, r in res.items(): print(st, {k: v for k, v in r.items() if k != 'log'} if isinstance(r, dict) else r)
 
+def _adpa(a):
+    from fuselab.adpa import ADPAConfig, adpa_run, ADPA_STAGES
+    cfg = ADPAConfig.from_yaml(a.config)
+    if a.out: cfg.out_dir = a.out
+    res = adpa_run(cfg, ADPA_STAGES if a.stage == 'run' else (a.stage,), progress=not a.quiet)
+    for st, r in res.items(): print(st, {k: ({kk: vv for kk, vv in v.items() if kk != 'log'} if isinstance(v, dict) else v) for k, v in r.items() if k != 'log'})
+
 def _merge(a):
     from fuselab.merge import merge_models
     r = merge_models(a.config, a.out, progress=not a.quiet, overwrite=a.overwrite)
@@ -84,6 +91,13 @@ def parser()->argparse.ArgumentParser:
     w.add_argument('--out', help='override out_dir from the config')
     w.add_argument('--quiet', action='store_true', help='no progress bars')
     w.set_defaults(func=_wrpo)
+    ad = sub.add_parser('adpa', help='DCKD / ADPA distillation: teacher_sft -> teacher_dpo -> student_sft -> dckd_data -> dckd -> generate -> adpa_data -> adpa, resumable')
+    ad.add_argument('stage', choices=['teacher_sft', 'teacher_dpo', 'student_sft', 'dckd_data', 'dckd', 'generate', 'adpa_data', 'adpa', 'run'],
+                    help="a stage, or 'run' for all eight in order")
+    ad.add_argument('config', help='YAML file of ADPAConfig fields (see the adpa docs page)')
+    ad.add_argument('--out', help='override out_dir from the config')
+    ad.add_argument('--quiet', action='store_true', help='no progress bars')
+    ad.set_defaults(func=_adpa)
     m = sub.add_parser('merge', help='parameter-space merge (linear, task_arithmetic, varm, sce) from a mergekit-like YAML, streamed over shards')
     m.add_argument('config', help='YAML merge config (merge_method, base_model, models, parameters; see the merge docs page)')
     m.add_argument('--out', help='output folder; overrides out_dir from the config')

@@ -12,7 +12,7 @@ import numpy as np
 from fastcore.basics import patch
 import torch
 from tqdm.auto import tqdm
-from .core import IGNORE_INDEX, TopK, chunked_topk, check_vocab_width
+from .core import IGNORE_INDEX, TopK, chunked_topk, check_vocab_width, topk_tail_mass
 
 # %% auto #0
 __all__ = ['SCHEMAS', 'is_conversational', 'record_kind', 'validate_record', 'chat_prompt', 'tokenize_pair', 'StoreError',
@@ -236,9 +236,10 @@ def pad_records(records:Sequence[dict], pad_token_id:int, max_length:int|None=No
     return out
 
 def stored_topk(store:TopKStore, records:Sequence[dict], T:int)->dict:
-    "The stored top-k of each record's `key`, padded to T positions: `topk_ids`, `topk_logprobs` (B,T,K), `seq_value` (B,)."
+    "The stored top-k of each record's `key`, padded to T positions: `topk_ids`, `topk_logprobs` (B,T,K), `seq_value` (B,) (and `topk_tail` (B,T) if stored)."
     B, K = len(records), store.k
     out = dict(topk_ids=torch.zeros(B, T, K, dtype=torch.int32), topk_logprobs=torch.full((B, T, K), -torch.inf), seq_value=torch.zeros(B))
+    if store.meta['with_tail']: out['topk_tail'] = torch.zeros(B, T)
     for b, r in enumerate(records):
         s, n = store[r['key']], len(r['input_ids'])
         if s.ids.shape[0] != n: raise ValueError(f"key {r['key']}: {n} input tokens but {s.ids.shape[0]} stored positions; "
@@ -247,6 +248,7 @@ def stored_topk(store:TopKStore, records:Sequence[dict], T:int)->dict:
         out['topk_ids'][b, :n] = torch.from_numpy(np.array(s.ids[:n]))
         out['topk_logprobs'][b, :n] = torch.from_numpy(s.logprobs[:n].astype(np.float32))
         if s.seq_value is not None: out['seq_value'][b] = s.seq_value
+        if s.tail is not None: out['topk_tail'][b, :n] = torch.from_numpy(s.tail[:n].astype(np.float32))
     return out
 
 class TopKCollator:
@@ -271,7 +273,7 @@ def lm_hidden_and_head(model, input_ids, attention_mask):
 @torch.no_grad()
 def extract_topk(model, records:Sequence[dict], store:TopKStore, batch_size:int=8, chunk_size:int=1024,
                  pad_token_id:int=0, progress:bool=True)->TopKStore:
-    "Write each record's per-token top-k (and its mean next-token CE) into `store`, skipping keys already there."
+    "Write each record's per-token top-k (its mass outside the top-k if the store keeps `tail`, its mean next-token CE if it keeps `seq`) into `store`, skipping keys already there."
     V = check_vocab_width(store.vocab_size, model.get_output_embeddings().weight.shape[0], type(model).__name__)
     if V != store.vocab_size: raise StoreError(f'store vocab_size={store.vocab_size} but the model has {V} logits')
     todo = [r for r in records if r['key'] not in store]
@@ -288,7 +290,8 @@ def extract_topk(model, records:Sequence[dict], store:TopKStore, batch_size:int=
             for i, r in enumerate(rs):
                 n, m = len(r['input_ids']), lab[i] != IGNORE_INDEX
                 ce = float(-(tk.label_logprobs[i][m]).mean()) if m.any() else float('nan')
-                w.add(r['key'], tk.ids[i, :n].cpu().numpy(), tk.logprobs[i, :n].cpu().numpy(),
-                      seq_value=ce if store.meta['with_seq'] else None)
+                lp = tk.logprobs[i, :n]
+                w.add(r['key'], tk.ids[i, :n].cpu().numpy(), lp.cpu().numpy(), seq_value=ce if store.meta['with_seq'] else None,
+                      tail=topk_tail_mass(lp).cpu().numpy() if store.meta['with_tail'] else None)   # from float32, before float16 storage
             bar.update(len(rs))
     return store

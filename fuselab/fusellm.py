@@ -215,7 +215,7 @@ def config_from_yaml(cls, path, path_fields:Sequence[str]):
     for k in path_fields:
         if d.get(k) is not None: d[k] = near(d[k])
     if 'out_dir' in d and not Path(d['out_dir']).is_absolute(): d['out_dir'] = str(base/d['out_dir'])
-    d['sources'] = {n: near(p) for n, p in (d.get('sources') or {}).items()}
+    if 'sources' in {f.name for f in fields(cls)}: d['sources'] = {n: near(p) for n, p in (d.get('sources') or {}).items()}
     return cls(**d)
 
 @dataclass

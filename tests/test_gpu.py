@@ -93,3 +93,24 @@ def test_preference_trainer_cuda_bf16_steps():
             out = t.train()
             assert np.isfinite(out.training_loss)
     assert losses[1] == pytest.approx(losses[0], abs=2e-2)
+
+@pytest.mark.parametrize('dtype,tol', [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_adpa_support_losses_cuda(dtype, tol):
+    "DCKD's top-k KL and ADPA's expected advantage from `support_logprobs` on CUDA vs dense float64 (value and gradient)."
+    from fuselab.adpa import support_logprobs, topk_kl, adpa_loss
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(2, 40, 64, generator=g); W = torch.randn(32000, 64, generator=g) / 8
+    P = torch.softmax(3 * torch.randn(2, 40, 32000, generator=g, dtype=torch.float64), -1)
+    top = P.topk(50, -1); A = torch.randn(2, 40, 50, generator=g)
+    m = torch.ones(2, 40, dtype=torch.bool); m[1, 25:] = False
+    def losses(hh, WW, dev):
+        lq = support_logprobs(hh, WW, top.indices.to(dev))
+        kl, _ = topk_kl(lq, top.values.log().float().to(dev), m.to(dev), (1 - top.values.sum(-1)).float().to(dev))
+        ad, _ = adpa_loss(lq, A.to(dev), m.to(dev))
+        return kl + ad
+    hg, Wg = h.to(dtype).cuda().requires_grad_(), W.to(dtype).cuda().requires_grad_()
+    lg = losses(hg, Wg, 'cuda'); lg.backward()
+    hr, Wr = h.to(dtype).double().requires_grad_(), W.to(dtype).double().requires_grad_()
+    lr = losses(hr, Wr, 'cpu'); lr.backward()
+    assert float(lg.detach()) == pytest.approx(float(lr.detach()), rel=tol)
+    assert _cos(hg.grad.cpu(), hr.grad) > 1 - tol and _cos(Wg.grad.cpu(), Wr.grad) > 1 - tol
