@@ -51,6 +51,17 @@ def _adpa(a):
     res = adpa_run(cfg, ADPA_STAGES if a.stage == 'run' else (a.stage,), progress=not a.quiet)
     for st, r in res.items(): print(st, {k: ({kk: vv for kk, vv in v.items() if kk != 'log'} if isinstance(v, dict) else v) for k, v in r.items() if k != 'log'})
 
+def _qrm(a):
+    if a.stage == 'experiment':
+        from fuselab.qrm import qrm_experiment
+        qrm_experiment(a.out or 'runs/qrm-experiment', seeds=tuple(range(a.seeds)), progress=not a.quiet); return
+    from fuselab.qrm import QRMRunConfig, qrm_run, QRM_STAGES
+    if not a.config: sys.exit('fuselab qrm: give a YAML file of QRMRunConfig fields')
+    cfg = QRMRunConfig.from_yaml(a.config)
+    if a.out: cfg.out_dir = a.out
+    res = qrm_run(cfg, QRM_STAGES if a.stage == 'run' else (a.stage,), progress=not a.quiet)
+    for st, r in res.items(): print(st, {k: v for k, v in r.items() if k not in ('log', 'history')})
+
 def _merge(a):
     from fuselab.merge import merge_models
     r = merge_models(a.config, a.out, progress=not a.quiet, overwrite=a.overwrite)
@@ -98,6 +109,13 @@ def parser()->argparse.ArgumentParser:
     ad.add_argument('--out', help='override out_dir from the config')
     ad.add_argument('--quiet', action='store_true', help='no progress bars')
     ad.set_defaults(func=_adpa)
+    q = sub.add_parser('qrm', help='Q-RM: rm (token-level RM on preference pairs) -> rl (REINFORCE/PPO with dense token rewards) -> eval (pass@k), resumable; or the CPU miniature experiment')
+    q.add_argument('stage', choices=['rm', 'rl', 'eval', 'run', 'experiment'], help="a stage, 'run' for all three, or 'experiment'")
+    q.add_argument('config', nargs='?', help='YAML file of QRMRunConfig fields (see the qrm docs page); not needed for experiment')
+    q.add_argument('--out', help='override out_dir (experiment: output folder)')
+    q.add_argument('--seeds', type=int, default=3, help='experiment: number of seeds (default: %(default)s)')
+    q.add_argument('--quiet', action='store_true', help='no progress bars')
+    q.set_defaults(func=_qrm)
     m = sub.add_parser('merge', help='parameter-space merge (linear, task_arithmetic, varm, sce) from a mergekit-like YAML, streamed over shards')
     m.add_argument('config', help='YAML merge config (merge_method, base_model, models, parameters; see the merge docs page)')
     m.add_argument('--out', help='output folder; overrides out_dir from the config')
