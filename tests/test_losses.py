@@ -293,8 +293,8 @@ def test_dpo_ipo_equal_trl(pref_models, tmp_path, loss_type, beta):
     # TRL logs the un-normalised rewards β·(log π − log π_ref) for every loss type; fuselab's DPO and IPO stats are those
     # too, LN-DPO's stats are per-token (β·log-ratio/|y|), so compare LN-DPO's TRL metrics to plain DPO's stats
     if loss_type == 'sigmoid_norm': st = dpo_loss(cw, cl, rw, rl, beta=beta)[1]
-    for k in ('rewards/chosen', 'rewards/rejected', 'rewards/margins', 'rewards/accuracies'):
-        assert st[k] == pytest.approx(m[k], rel=1e-5, abs=1e-6), (k, st[k], m[k])
+    for k in ('rewards/chosen', 'rewards/rejected', 'rewards/margins', 'rewards/accuracies'):   # float32 sums in two reduction orders, times beta (up to 2)
+        assert st[k] == pytest.approx(m[k], rel=5e-5, abs=1e-5), (k, st[k], m[k])
     # the oracle's summed log-probs match TRL's own logged means
     assert float(cw.mean()) == pytest.approx(m['logps/chosen'], rel=1e-5) and float(cl.mean()) == pytest.approx(m['logps/rejected'], rel=1e-5)
 

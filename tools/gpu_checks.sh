@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks on a lent GPU machine (README, "GPU checks"): the `gpu` tests and the GPU branches of the benchmarks.
 # The machine's image has torch/transformers/peft/accelerate; what it lacks travels as wheels in .whl/ (see README).
-# Usage: [BENCHES="ot pref"] tools/gpu_checks.sh [pytest args]; logs and bench/results/<name>.json copies go to $OUT.
+# Usage: [BENCHES="ot pref"] [BENCH_TIMEOUT=300] [BENCH_TIMEOUT_<name>=...] tools/gpu_checks.sh [pytest args]; logs and bench/results/<name>.json copies go to $OUT.
 set -u
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 MPLCONFIGDIR=/tmp/mpl
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -14,6 +14,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, transformers, trl, ot, datasets; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__, 'pot', ot.__version__, 'datasets', datasets.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py "$@" 2>&1 | tee "$OUT/tests.log"
 for b in ${BENCHES:-ot pref}; do
-  echo "=== bench_$b"; rm -f "bench/results/$b.json"; timeout "${BENCH_TIMEOUT:-300}" python3 bench/bench_$b.py 2>&1 | tee "$OUT/bench_$b.log"
+  echo "=== bench_$b"; rm -f "bench/results/$b.json"; t=BENCH_TIMEOUT_$b; timeout "${!t:-${BENCH_TIMEOUT:-300}}" python3 bench/bench_$b.py 2>&1 | tee "$OUT/bench_$b.log"
   cp "bench/results/$b.json" "$OUT/${b}_gpu.json" 2>/dev/null
 done
