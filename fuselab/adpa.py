@@ -455,8 +455,10 @@ def _tok(path):
     if t.pad_token_id is None: t.pad_token = t.eos_token
     return t
 
-def _lm(path):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32).to(_device())
+def _lm(path, train:bool=False):
+    "A model on the GPU if there is one: bf16 weights for teacher passes and generation; float32 master weights for training (bf16 autocast), since a pure-bf16 AdamW step at the recipe's lr 5e-7 rounds away."
+    dt = torch.bfloat16 if torch.cuda.is_available() and not train else torch.float32
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dt).to(_device())
 
 def _last_checkpoint(d:Path)->str|None:
     "The newest `checkpoint-N` that Trainer finished writing (it writes trainer_state.json last)."
@@ -467,7 +469,7 @@ def _train_args(overrides:dict, out:Path, seed:int, progress:bool)->dict:
     "Trainer fields: fuselab's logging defaults (checkpoints for resuming, CPU-safe precision) < the stage's overrides."
     cpu = not torch.cuda.is_available()
     return dict(output_dir=str(out/'trainer'), report_to=[], save_strategy='steps', save_steps=50, save_total_limit=1,
-                logging_steps=10, seed=seed, disable_tqdm=not progress, **(dict(bf16=False, gradient_checkpointing=False) if cpu else {})) | overrides
+                logging_steps=10, seed=seed, disable_tqdm=not progress, **(dict(bf16=False, gradient_checkpointing=False) if cpu else dict(bf16=True))) | overrides
 
 def _fit(trainer, d:Path, tok, progress:bool=True)->dict:
     "Train (resuming from the last whole checkpoint), then publish model + tokenizer + log by renaming a finished folder."
@@ -490,7 +492,7 @@ def _sft(base:str, recs:list[dict], d:Path, overrides:dict, cfg:ADPAConfig, prog
     if (r := _done(d)) is not None: return r
     import datasets
     from trl import SFTConfig, SFTTrainer
-    tok, model = _tok(base), _lm(base)
+    tok, model = _tok(base), _lm(base, train=True)
     ds = datasets.Dataset.from_list([dict(prompt=r['prompt'], completion=r['chosen']) for r in recs])
     args = SFTConfig(**_train_args(dict(max_length=cfg.max_length) | overrides, d, cfg.seed, progress))
     return _fit(SFTTrainer(model, args=args, train_dataset=ds, processing_class=tok), d, tok, progress)
@@ -507,7 +509,7 @@ def adpa_teacher_dpo(cfg:ADPAConfig, progress:bool=True)->dict:
     import datasets
     from fuselab.preference import PreferenceConfig, PreferenceTrainer
     if not Path(cfg.reference).exists(): raise FileNotFoundError(f'{cfg.reference} is missing: run the teacher_sft stage first')
-    tok, model, ref = _tok(cfg.reference), _lm(cfg.reference), _lm(cfg.reference)
+    tok, model, ref = _tok(cfg.reference), _lm(cfg.reference, train=True), _lm(cfg.reference)
     ds = datasets.Dataset.from_list([{k: r[k] for k in ('prompt', 'chosen', 'rejected')} for r in load_preference_data(cfg.data)])
     args = PreferenceConfig(**_train_args(dict(pref_loss='dpo', beta=0.01, max_length=cfg.max_length) | cfg.teacher_dpo, d, cfg.seed, progress))
     return _fit(PreferenceTrainer(model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok), d, tok, progress)
@@ -574,7 +576,7 @@ def adpa_dckd_data(cfg:ADPAConfig, progress:bool=True)->dict:
 
 def _distill(cfg:ADPAConfig, init:Path, d:Path, kind:str, train_recs:list[dict], stores:dict, overrides:dict, progress:bool)->dict:
     if (r := _done(d)) is not None: return r
-    tok, model = _tok(init), _lm(init)
+    tok, model = _tok(init), _lm(init, train=True)
     args = DistillConfig(**_train_args(dict(distill_loss=kind) | overrides, d, cfg.seed, progress))
     coll = DistillCollator(stores, tok.pad_token_id, 'rejected' if kind == 'dckd' else 'gen', cfg.max_length)
     return _fit(DistillTrainer(model, args=args, train_dataset=train_recs, data_collator=coll, processing_class=tok), d, tok, progress)
@@ -776,7 +778,7 @@ def adpa_experiment(out_dir='runs/adpa-experiment', seeds:Sequence[int]=(0, 1, 2
                 tok = _tok(cfg.out/'student_sft'/'model')
                 ds = datasets.Dataset.from_list([{k: r[k] for k in ('prompt', 'chosen', 'rejected')} for r in load_preference_data(cfg.data)])
                 args = PreferenceConfig(**_train_args(lr | dict(pref_loss='dpo', beta=0.1, max_steps=steps, learning_rate=1e-3, max_length=48), d, seed, progress))
-                _fit(PreferenceTrainer(_lm(cfg.out/'student_sft'/'model'), ref_model=_lm(cfg.out/'student_sft'/'model'), args=args,
+                _fit(PreferenceTrainer(_lm(cfg.out/'student_sft'/'model', train=True), ref_model=_lm(cfg.out/'student_sft'/'model'), args=args,
                                        train_dataset=ds, processing_class=tok), d, tok, progress)
             res_f = run/'eval.json'
             if not res_f.exists():
