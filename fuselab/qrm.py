@@ -1104,7 +1104,7 @@ class QRMRunConfig:
     rl: dict = field(default_factory=dict)      # DenseRLConfig fields (algo, learning_rate, chunk_size, ...)
     generator: dict = field(default_factory=lambda: dict(backend='hf'))   # rollouts: backend ('hf' | 'vllm') and its options
     eval: dict = field(default_factory=dict)    # evaluate_pass_at_k options (style, n, ks, max_new_tokens, temperature)
-    dtype: str|None = None                # torch dtype to load models in ('bfloat16' on GPUs); None: as saved
+    dtype: str|None = None                # torch dtype to load models in; None: as saved. To train on a GPU keep float32 weights and set the RL config's mixed_precision='bf16': a pure-bf16 AdamW step at lr ~1e-6 rounds away
 
     def __post_init__(self):
         if self.generator.get('backend', 'hf') not in ('hf', 'vllm'): raise ValueError(f"generator backend {self.generator.get('backend')!r}: use 'hf' or 'vllm'")
