@@ -18,7 +18,7 @@ from .core import IGNORE_INDEX, check_vocab_width
 from .data import validate_record, is_conversational, TopKStore, StoreError, atomic_write, extract_topk, pad_records
 from .align import token_texts, dtw_matrix, alignment_from_pairs, TokenAlignment, Projected, _squash, _backtrack, _ORDERS, _dedupe_keep_first
 from .testing import train_tokenizer, tiny_lm, skill_data, greedy_accuracy, train_clm, SKILLS
-from .fusellm import (FusionArguments, next_token_labels, config_from_yaml, train_fusion, _tokenizer, _model, _open_store,
+from .fusellm import (FusionArguments, next_token_labels, config_from_yaml, train_fusion, load_tokenizer, _model, _open_store,
                              _write_jsonl, _train_records, _train_and_save, _summarise, _print_table)
 from .merge import merge_models
 
@@ -302,7 +302,7 @@ class FuseChatConfig:
 # %% ../nbs/11_fusechat.ipynb #91140bed
 def _prepare(cfg:FuseChatConfig)->tuple[dict, dict, dict]:
     "Tokenizers, and every record rendered in the pivot's template and encoded under each model (records that fit all)."
-    recs, toks = load_chat_records(cfg.data), {'pivot': _tokenizer(cfg.pivot), **{n: _tokenizer(p) for n, p in cfg.sources.items()}}
+    recs, toks = load_chat_records(cfg.data), {'pivot': load_tokenizer(cfg.pivot), **{n: load_tokenizer(p) for n, p in cfg.sources.items()}}
     rendered = [render_chat(toks['pivot'], r['messages']) for r in recs]
     enc = {n: [encode_chat(t, text, spans, r['key']) for r, (text, spans) in zip(recs, rendered)] for n, t in toks.items()}
     fit = [all(len(enc[n][i]['input_ids']) <= cfg.max_length for n in toks) for i in range(len(recs))]
@@ -394,7 +394,7 @@ def _train_target(cfg:FuseChatConfig, run:str, stores:list, enc:list, progress:b
     d = cfg.out/'train'/run
     if (d/'results.json').exists(): return json.loads((d/'results.json').read_text())
     recs, st = _train_records(cfg, stores, enc)
-    return train_fusion(_model(cfg.pivot), _tokenizer(cfg.pivot), recs, stores, d, dict(cfg.train, **overrides), st, progress)
+    return train_fusion(_model(cfg.pivot), load_tokenizer(cfg.pivot), recs, stores, d, dict(cfg.train, **overrides), st, progress)
 
 def fusechat_train(cfg:FuseChatConfig, progress:bool=True)->dict:
     "Stage 3: one pairwise target per source, `out_dir/train/<source>/final`."
@@ -480,7 +480,7 @@ def _fusechat_models(out:Path, n_source, source_steps, n_pivot, pivot_steps, see
     return dirs, time.time() - t0
 
 def _score(path, held:dict)->dict:
-    tok, model = _tokenizer(path), _model(path)
+    tok, model = load_tokenizer(path), _model(path)
     return {f'{sk}_{m}': round(fn(model, tok, held[sk]), 4) for sk in held for m, fn in (('acc', greedy_accuracy), ('nll', response_nll))}
 
 def fusechat_experiment(out_dir='runs/fusechat-experiment', seeds:Sequence[int]=(0, 1, 2), n_source:int=3000, source_steps:int=800,
@@ -489,12 +489,12 @@ def fusechat_experiment(out_dir='runs/fusechat-experiment', seeds:Sequence[int]=
     "FuseChat on tiny models: two sources fused pairwise into a pivot, the targets merged; table, plot, JSON; resumes."
     out = Path(out_dir).resolve(); out.mkdir(parents=True, exist_ok=True)
     dirs, t_models = _fusechat_models(out, n_source, source_steps, n_pivot, pivot_steps, seeds, progress)
-    ptok = _tokenizer(dirs[f'pivot{seeds[0]}'])
+    ptok = load_tokenizer(dirs[f'pivot{seeds[0]}'])
     _write_jsonl(out/'fuse.jsonl', [dict(prompt=r['prompt'], completion=r['answer']) for sk in ('add', 'reverse') for r in skill_data(sk, n_fuse, 300)])
     held = {sk: chat_skill_records(ptok, sk, n_eval, 400) for sk in ('add', 'reverse')}
     rows, logs, t0 = [], {}, time.time()
     for name in FUSECHAT_SOURCES:
-        stok = _tokenizer(dirs[name])
+        stok = load_tokenizer(dirs[name])
         rows.append(dict(model=f'source {name}', seed=None, **_score(dirs[name], {sk: chat_skill_records(stok, sk, n_eval, 400) for sk in held})))
     for s in seeds:
         train = dict(max_steps=steps, per_device_train_batch_size=32, learning_rate=lr, lr_scheduler_type='cosine', warmup_steps=steps // 20,

@@ -16,7 +16,7 @@ from rapidfuzz.distance import Levenshtein as _Lev
 from .data import atomic_write, is_conversational, tokenize_pair, pad_records
 from .gen import (BACKENDS, GenCache, Sampling, cache_key, make_generator, RewardModel, math_verify, run_tests_batch)
 from .testing import tiny_lm, train_tokenizer, skill_data, SKILLS
-from .fusellm import config_from_yaml, _write_jsonl, _train_and_save, _last_whole_checkpoint, _tokenizer, _model
+from .fusellm import config_from_yaml, _write_jsonl, _train_and_save, last_checkpoint, load_tokenizer, _model
 from .preference import PreferenceTrainer, PreferenceConfig
 
 # %% auto #0
@@ -490,7 +490,7 @@ def _fit(tr, tok, d:Path, stats:dict, progress:bool)->dict:
     if not progress:
         from transformers import PrinterCallback
         tr.remove_callback(PrinterCallback)
-    last = _last_whole_checkpoint(d)
+    last = last_checkpoint(d)
     tr.train(resume_from_checkpoint=last)
     tr.save_model(str(d/'final')); tok.save_pretrained(d/'final')
     res = dict(stats, steps=tr.state.global_step, resumed_from=Path(last).name if last else None,
@@ -516,7 +516,7 @@ def fusechat3_sft(cfg:FuseChat3Config, progress:bool=True)->dict:
     if (d/'results.json').exists(): return json.loads((d/'results.json').read_text())
     from datasets import Dataset
     from trl import SFTTrainer, SFTConfig
-    recs, tok = _records(cfg, 'sft', ('prompt', 'completion')), _tokenizer(cfg.target)
+    recs, tok = _records(cfg, 'sft', ('prompt', 'completion')), load_tokenizer(cfg.target)
     _check_chat(recs, tok)
     args = _config(SFTConfig, d, dict(train_args(cfg, 'sft', progress), completion_only_loss=True), 'sft')
     with _quiet_datasets(progress):
@@ -531,7 +531,7 @@ def fusechat3_dpo(cfg:FuseChat3Config, progress:bool=True)->dict:
     init = cfg.out/cfg.sft_name/'final' if cfg.dpo_init == 'sft' else cfg.target
     if cfg.dpo_init == 'sft' and not (cfg.out/cfg.sft_name/'results.json').exists():
         raise FileNotFoundError(f'no finished SFT model in {cfg.out/cfg.sft_name}: run the sft stage first (or set dpo_init: target)')
-    recs, tok = _records(cfg, 'dpo', ('prompt', 'chosen', 'rejected')), _tokenizer(init)
+    recs, tok = _records(cfg, 'dpo', ('prompt', 'chosen', 'rejected')), load_tokenizer(init)
     _check_chat(recs, tok)
     with _quiet_datasets(progress):
         tr = PreferenceTrainer(model=_model(init), ref_model=_model(init), args=_config(PreferenceConfig, d, train_args(cfg, 'dpo', progress), 'dpo'),
@@ -638,7 +638,7 @@ def response_logps(model, tok, prompts:Sequence[str], responses:Sequence[str], b
 def evaluate_policy(path, world:PreferenceWorld, ref_logps:torch.Tensor|None=None)->dict:
     "Greedy skill accuracy and reward per skill, mean reward, and (given the reference's log-probs) held-out reward accuracy."
     from fuselab.gen import HFGenerator
-    tok, model = _tokenizer(path), _model(path)
+    tok, model = load_tokenizer(path), _model(path)
     outs = HFGenerator(model, tok, batch_size=128, model_id=str(path)).generate([r['prompt'] for r in world.held_out],
                                                                             Sampling(temperature=0, max_new_tokens=8), progress=False)
     res = {}
@@ -678,7 +678,7 @@ def _eval_seed(cfg, world, arms:dict, progress:bool)->dict:
         for step, ck in tqdm(cks, desc=f'eval {arm}', disable=not progress):
             if f'{arm}@{step}' in done: continue
             if ref is None:
-                tok = _tokenizer(world.target)
+                tok = load_tokenizer(world.target)
                 ref = response_logps(_model(world.target), tok, [p['prompt'] for p in P] * 2, [p['chosen'] for p in P] + [p['rejected'] for p in P])
             done[f'{arm}@{step}'] = evaluate_policy(ck, world, ref)
             atomic_write(path, json.dumps(done, indent=1))

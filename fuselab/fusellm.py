@@ -24,8 +24,8 @@ from .pta import pta_align_position_batch
 # %% auto #0
 __all__ = ['EXPERIMENT_SKILLS', 'EXPERIMENT_ARMS', 'load_records', 'encode', 'encode_all', 'ce_to_char', 'fusion_vocab_map',
            'align_batch', 'FusionCollator', 'FusionArguments', 'next_token_labels', 'FusionTrainer', 'config_from_yaml',
-           'FuseLLMConfig', 'fusellm_extract', 'fusellm_align', 'fusellm_train', 'train_fusion', 'fusellm_run',
-           'answer_nll', 'fusellm_experiment']
+           'FuseLLMConfig', 'load_tokenizer', 'fusellm_extract', 'cached_vocab_map', 'fusellm_align', 'last_checkpoint',
+           'fusellm_train', 'train_fusion', 'fusellm_run', 'answer_nll', 'fusellm_experiment']
 
 # %% ../nbs/10_fusellm.ipynb #fe9235b7
 def load_records(path)->list[dict]:
@@ -262,7 +262,8 @@ class FuseLLMConfig:
     def align_dir(self, source:str)->Path: return self.out/'align'/f"{source}-{self.align}{'-char' if self.ce_unit == 'char' else ''}"
 
 # %% ../nbs/10_fusellm.ipynb #fa71dc4b
-def _tokenizer(path):
+def load_tokenizer(path):
+    "`AutoTokenizer` from `path`, with EOS as the pad token when it has none."
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None: tok.pad_token = tok.eos_token
     return tok
@@ -283,7 +284,7 @@ def fusellm_extract(cfg:FuseLLMConfig, progress:bool=True)->dict:
     "Stage 1: top-k + per-sequence CE of the target and every source into `out_dir/extract/<name>`."
     if cfg.lmbda == 1: return {}                         # the CLM-only control reads no teacher
     recs, models = load_records(cfg.data), {'target': cfg.target, **cfg.sources}
-    toks = {n: _tokenizer(p) for n, p in models.items()}
+    toks = {n: load_tokenizer(p) for n, p in models.items()}
     enc, skipped = encode_all(toks, recs, cfg.max_length)
     stats = dict(records=len(recs), skipped_too_long=len(skipped))
     for n, p in models.items():
@@ -299,7 +300,8 @@ def fusellm_extract(cfg:FuseLLMConfig, progress:bool=True)->dict:
     return stats
 
 # %% ../nbs/10_fusellm.ipynb #9e887728
-def _cached_vocab_map(path:Path, src_tok, tgt_tok, n_src:int, kind:str)->np.ndarray:
+def cached_vocab_map(path:Path, src_tok, tgt_tok, n_src:int, kind:str)->np.ndarray:
+    "`fusion_vocab_map` saved at `path` and read back on reruns (refused if it maps another number of source ids)."
     if path.exists():
         vm = np.load(path)
         if len(vm) != n_src: raise StoreError(f'{path} maps {len(vm)} source ids but the source model has {n_src} logits: delete it to rebuild')
@@ -326,7 +328,7 @@ def fusellm_align(cfg:FuseLLMConfig, progress:bool=True)->dict:
         out = _open_store(d, src_store.k, V_t, model=str(p), target=str(cfg.target), vocab_map=cfg.vocab_map,
                           onehot_fallback=cfg.onehot_fallback, tiebreak=cfg.tiebreak, pta=cfg.pta if cfg.align == 'pta' else None,
                           ce_unit=cfg.ce_unit)
-        vm = _cached_vocab_map(d/'vocab_map.npy', src_tok, tgt_tok, src_store.vocab_size, cfg.vocab_map)
+        vm = cached_vocab_map(d/'vocab_map.npy', src_tok, tgt_tok, src_store.vocab_size, cfg.vocab_map)
         todo = [i for i, e in enumerate(enc['tgt']) if e['key'] not in out and e['key'] in src_store and (tgt_store is None or e['key'] in tgt_store)]
         st, t0 = defaultdict(int), time.time()
         with out.writer() as w, tqdm(total=len(todo), desc=f'align {name} ({cfg.align})', unit='seq', disable=not progress) as bar:
@@ -357,7 +359,7 @@ def _train_records(cfg, stores, enc):
     if not recs: raise ValueError('no training records left: check the extract and align stages (stats.json) for skipped sequences')
     return recs, dict(train_records=len(recs), dropped_nan_ce=len(nan), missing=len(enc) - len(recs) - len(nan))
 
-def _last_whole_checkpoint(d:Path)->str|None:
+def last_checkpoint(d:Path)->str|None:
     "The newest `checkpoint-N` holding `trainer_state.json` (Trainer writes it last: a run killed mid-save leaves a partial folder)."
     cks = sorted(d.glob('checkpoint-*'), key=lambda p: int(p.name.split('-')[-1]) if p.name.split('-')[-1].isdigit() else -1)
     whole = [p for p in cks if (p/'trainer_state.json').exists()]
@@ -368,7 +370,7 @@ def fusellm_train(cfg:FuseLLMConfig, progress:bool=True)->dict:
     "Stage 3: continue training the target with `FusionTrainer`; resumes from the last checkpoint; returns the log."
     d = cfg.out/'train'/cfg.run_name
     if (d/'results.json').exists(): return json.loads((d/'results.json').read_text())   # written last: the run is complete
-    tok, model, recs = _tokenizer(cfg.target), _model(cfg.target), load_records(cfg.data)
+    tok, model, recs = load_tokenizer(cfg.target), _model(cfg.target), load_records(cfg.data)
     enc, _ = encode_all(dict(t=tok), recs, cfg.max_length)
     stores = [] if cfg.lmbda == 1 else [TopKStore(cfg.out/'extract'/'target')] * cfg.with_target_teacher + \
              [TopKStore(cfg.align_dir(n)) for n in cfg.sources]
@@ -387,7 +389,7 @@ def train_fusion(model, tok, recs:list, stores:list, d:Path, train:dict, stats:d
     if not progress:
         from transformers import PrinterCallback
         tr.remove_callback(PrinterCallback)
-    last = _last_whole_checkpoint(d)
+    last = last_checkpoint(d)
     tr.train(resume_from_checkpoint=last)
     tr.save_model(str(d/'final')); tok.save_pretrained(d/'final')
     res = dict(stats, resumed_from=Path(last).name if last else None, log=[h for h in tr.state.log_history if 'loss' in h])
@@ -455,7 +457,7 @@ def _experiment_models(out:Path, n_source, source_steps, n_base, base_steps, see
     return dirs, time.time() - t0
 
 def _evaluate(path, held)->dict:
-    tok, model = _tokenizer(path), _model(path)
+    tok, model = load_tokenizer(path), _model(path)
     return {f'{sk}_{m}': round(fn(model, tok, held[sk]), 4) for sk in held for m, fn in (('acc', greedy_accuracy), ('nll', answer_nll))}
 
 # %% ../nbs/10_fusellm.ipynb #ac182c5e

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from .core import masked_mean, TopK, _chunk_logits
 
 # %% auto #0
-__all__ = ['sparse_soft_ce', 'chunked_sparse_soft_ce', 'fusellm_select', 'combine_topk', 'fusion_loss', 'sequence_logps',
-           'dpo_loss', 'ipo_loss', 'simpo_loss', 'bt_loss', 'wrpo_loss', 'reward_weights', 'weighted_sft_loss',
-           'rloo_advantages', 'rloo_loss']
+__all__ = ['reduce_tokens', 'sparse_soft_ce', 'chunked_sparse_soft_ce', 'fusellm_select', 'combine_topk', 'fusion_loss',
+           'sequence_logps', 'dpo_loss', 'ipo_loss', 'simpo_loss', 'bt_loss', 'wrpo_loss', 'reward_weights',
+           'weighted_sft_loss', 'rloo_advantages', 'rloo_loss']
 
 # %% ../nbs/06_losses.ipynb #9ae67df7
 def _sparse_targets(ids, lps, mask, V, temperature, renormalize):
@@ -41,7 +41,8 @@ def _sparse_targets(ids, lps, mask, V, temperature, renormalize):
     return safe, p, valid, stats
 
 # %% ../nbs/06_losses.ipynb #042cbee8
-def _reduce(ce, valid, reduction):
+def reduce_tokens(ce, valid, reduction):
+    "Per-token values (B,T) to `'batch'` (token mean), `'sequence'` (per-row token mean) or `'none'` (0 off `valid`)."
     if reduction == 'none': return torch.where(valid, ce, torch.zeros((), dtype=ce.dtype, device=ce.device))
     if reduction == 'sequence': return masked_mean(ce, valid, -1)
     if reduction == 'batch': return masked_mean(ce, valid)
@@ -84,7 +85,7 @@ def sparse_soft_ce(student_logits:torch.Tensor, # (B,T,V) student logits (gradie
     ids, p, valid, stats = _sparse_targets(topk_ids, topk_logprobs, mask, V, temperature, renormalize)
     K, p = ids.shape[-1], p.to(torch.promote_types(student_logits.dtype, torch.float32))
     ce = _SparseCE.apply(student_logits.reshape(-1, V), ids.reshape(-1, K), p.reshape(-1, K), int(chunk_rows))
-    return _reduce(ce.view(mask.shape), valid, reduction), stats
+    return reduce_tokens(ce.view(mask.shape), valid, reduction), stats
 
 # %% ../nbs/06_losses.ipynb #790bb1e4
 class _ChunkedSparseCE(torch.autograd.Function):
@@ -139,7 +140,7 @@ def chunked_sparse_soft_ce(hidden:torch.Tensor,         # (B,T,H) last hidden st
     K = ids.shape[-1]
     p = p.to(torch.promote_types(hidden.dtype, torch.float32))
     ce = _ChunkedSparseCE.apply(hidden.reshape(-1, H), weight, bias, ids.reshape(-1, K), p.reshape(-1, K), int(chunk_size))
-    return _reduce(ce.view(mask.shape), valid, reduction), stats
+    return reduce_tokens(ce.view(mask.shape), valid, reduction), stats
 
 # %% ../nbs/06_losses.ipynb #46ec489e
 def fusellm_select(seq_ce:torch.Tensor,                     # (B,M) per-sequence CE of each teacher

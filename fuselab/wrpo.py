@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .data import atomic_write
 from .losses import wrpo_loss
 from .preference import PreferenceConfig, PreferenceTrainer
-from .fusellm import config_from_yaml, _write_jsonl, _tokenizer, _model
+from .fusellm import config_from_yaml, _write_jsonl, load_tokenizer, _model
 from .fusechat3 import (FuseChat3Config, load_prompts, fusechat3_sample, fusechat3_score, fusechat3_sft, sft_choice, source_pair,
                                preference_world, _read_jsonl, _reply, _prompt, _config, _fit, _rank, _check_id, _checkpoints, _eval_seed)
 
@@ -233,7 +233,7 @@ def wrpo_train(cfg:WRPORunConfig, progress:bool=True)->dict:
     kw = dict(report_to='none', logging_steps=10, save_total_limit=2, seed=cfg.seed, disable_tqdm=not progress, **WRPO_DEFAULTS)
     kw.update(cfg.wrpo)
     if not torch.cuda.is_available(): kw.setdefault('use_cpu', True)
-    args, tok = _config(WRPOConfig, d, kw, 'wrpo'), _tokenizer(init)
+    args, tok = _config(WRPOConfig, d, kw, 'wrpo'), load_tokenizer(init)
     ref = None if args.precompute_ref_log_probs else _model(init)   # precomputed: the policy before training is the reference
     tr = WRPOTrainer(model=_model(init), ref_model=ref, args=args, train_dataset=Dataset.from_list(recs), processing_class=tok)
     return _fit(tr, tok, d, dict(records=len(recs)), progress)

@@ -9,7 +9,7 @@ from fuselab.align import levenshtein as _lev     # plain-Python oracle (itself 
 from fuselab.testing import real_tokenizer, train_tokenizer, tiny_lm, skill_data, CHAT_TEMPLATE
 from fuselab.fusechat import (VocabTexts, ms_align, ms_token_counts, TokenCounts, ms_vocab_map, ms_id_map, ms_project_topk,
                               render_chat, encode_chat, chat_messages, chat_skill_records, FuseChatConfig, fusechat_run,
-                              load_chat_records, _counts, _write_jsonl, _tokenizer)
+                              load_chat_records, _counts, _write_jsonl, load_tokenizer)
 
 TEXTS = ['Tokenizers disagree about unbelievable words.', 'The  quick brown fox\njumps over 13 lazy dogs!',
          "Qwen's vocabulary: 151,643 tokens; Llama-2's: 32,000.", '  indented code:\n    return x**2  # square']
@@ -205,7 +205,7 @@ def test_extract_ce_is_response_only(tmp_path):
     fusechat_run(cfg, stages=('extract',), progress=False)
     from fuselab.data import TopKStore
     from transformers import AutoModelForCausalLM
-    tok, model = _tokenizer(m['pivot']), AutoModelForCausalLM.from_pretrained(m['pivot'])
+    tok, model = load_tokenizer(m['pivot']), AutoModelForCausalLM.from_pretrained(m['pivot'])
     rec = load_chat_records(tmp_path/'chat.jsonl')[3]
     text, spans = render_chat(tok, rec['messages']); e = encode_chat(tok, text, spans, rec['key'])
     ids, lab = torch.tensor([e['input_ids']]), torch.tensor(e['labels'][1:])
@@ -237,7 +237,7 @@ merge: [{{merge_method: sce, parameters: {{select_topk: 0.5}}}}, {{merge_method:
     r2 = subprocess.run(cmd, capture_output=True, text=True)
     assert r2.returncode == 0, r2.stderr[-3000:]
     from transformers import AutoModelForCausalLM
-    tok = _tokenizer(run/'merged'/'sce')
+    tok = load_tokenizer(run/'merged'/'sce')
     for name in ('sce', 'varm'):
         model = AutoModelForCausalLM.from_pretrained(run/'merged'/name)
         out = model(**tok('<s>user: 1+1=</s>', return_tensors='pt'))

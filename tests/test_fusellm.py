@@ -123,9 +123,9 @@ train: {{max_steps: 100, save_steps: 20, per_device_train_batch_size: 8, logging
 
 def test_partial_checkpoint_is_skipped(tmp_path):
     "A checkpoint folder without trainer_state.json (killed while saving) is not resumed from."
-    from fuselab.fusellm import _last_whole_checkpoint
+    from fuselab.fusellm import last_checkpoint
     for n, whole in ((20, True), (40, True), (60, False)):
         (tmp_path/f'checkpoint-{n}').mkdir()
         if whole: (tmp_path/f'checkpoint-{n}'/'trainer_state.json').write_text('{}')
-    with pytest.warns(UserWarning, match='ignoring 1 partial checkpoint'): assert _last_whole_checkpoint(tmp_path).endswith('checkpoint-40')
-    assert _last_whole_checkpoint(tmp_path/'nothing') is None
+    with pytest.warns(UserWarning, match='ignoring 1 partial checkpoint'): assert last_checkpoint(tmp_path).endswith('checkpoint-40')
+    assert last_checkpoint(tmp_path/'nothing') is None
