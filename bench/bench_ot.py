@@ -1,8 +1,9 @@
 """B3 (bench/ANCHORS.md section 8): PTA-LLM per-token OT, 10x10 problems at lambda = 30 (reg = 1/30), tol 1e-5.
 
 Same synthetic inputs (`fuselab.ot.synthetic_pta_problems`) for every solver, in one run:
-  * fuselab `sinkhorn`, batched torch on CPU, all N positions: cap 50 (B3's budget: "50 iterations or tol 1e-5") and
-    cap 1000, with 2 threads; cap 50 also with 1 thread (does the second thread help?);
+  * fuselab `sinkhorn` on CPU, all N positions: the compiled solver (the CPU default) at cap 50 (B3's budget: "50
+    iterations or tol 1e-5") and cap 1000, with 2 threads; cap 50 also with 1 thread (does the second thread help?);
+  * fuselab's torch path (`kernel='torch'`, the GPU path and the CPU fallback without a C compiler), cap 50, 2 threads;
   * PTA-LLM's per-position NumPy probability-domain loop (re-implemented from `compute_optimal_transport`), on a sample;
   * POT `ot.sinkhorn(..., method='sinkhorn_log')` in a Python loop, on a sample;
   * POT `ot.batch.solve_batch(..., method='log_sinkhorn')` (numpy float64 and torch float32), on a sample batch.
@@ -78,15 +79,18 @@ def main():
         dt, res = timed(lambda: [pta_reference_sinkhorn(Cn[i], an[i], bn[i]) for i in range(sl.start, sl.stop)])
         ref_t.append(dt); ref_res += res
     load_pair = other_load(m0, cpu_marks())
-    rows.append(row('fuselab sinkhorn (torch CPU, cap 50)', N, fl_t, P50.numpy(), an, bn, st50.n_iter.numpy(), 'float32, all N', THREADS))
+    rows.append(row('fuselab sinkhorn (CPU, cap 50)', N, fl_t, P50.numpy(), an, bn, st50.n_iter.numpy(), 'float32, all N', THREADS))
     nr = REPS * N_REF
     rows.append(row('PTA-LLM reference loop (numpy)', N_REF, ref_t, np.stack([p for p, _ in ref_res]), an[:nr], bn[:nr],
                     [i for _, i in ref_res], f'float64, stops when row sums stop changing; {REPS} slices of {N_REF}', 1))
     dt, (P, st) = timed(lambda: sinkhorn(a, b, C, REG, tol=TOL, max_iter=1000, log=True))
-    rows.append(row('fuselab sinkhorn (torch CPU, cap 1000)', N, [dt], P.numpy(), an, bn, st.n_iter.numpy(), 'float32, all N', THREADS))
+    rows.append(row('fuselab sinkhorn (CPU, cap 1000)', N, [dt], P.numpy(), an, bn, st.n_iter.numpy(), 'float32, all N', THREADS))
+    sinkhorn(a[:4096], b[:4096], C[:4096], REG, max_iter=50, kernel='torch')     # warm-up
+    dt, (P, st) = timed(lambda: sinkhorn(a, b, C, REG, tol=TOL, max_iter=50, log=True, kernel='torch'))
+    rows.append(row('fuselab torch path (kernel=torch, cap 50)', N, [dt], P.numpy(), an, bn, st.n_iter.numpy(), 'float32, all N', THREADS))
     torch.set_num_threads(1)
     dt, (P, st) = timed(lambda: sinkhorn(a, b, C, REG, tol=TOL, max_iter=50, log=True))
-    rows.append(row('fuselab sinkhorn (torch CPU, cap 50, 1 thread)', N, [dt], P.numpy(), an, bn, st.n_iter.numpy(), 'float32, all N', 1))
+    rows.append(row('fuselab sinkhorn (CPU, cap 50, 1 thread)', N, [dt], P.numpy(), an, bn, st.n_iter.numpy(), 'float32, all N', 1))
     torch.set_num_threads(THREADS)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
@@ -106,8 +110,8 @@ def main():
                                 'float64' if lib == 'numpy' else 'float32; one tolerance for the whole batch'))
     base = {r['solver']: r['us_per_problem'] for r in rows}
     for r in rows:
-        r['speedup_fuselab_cap1000'] = r['us_per_problem'] / base['fuselab sinkhorn (torch CPU, cap 1000)']
-        r['speedup_fuselab_cap50'] = r['us_per_problem'] / base['fuselab sinkhorn (torch CPU, cap 50)']
+        r['speedup_fuselab_cap1000'] = r['us_per_problem'] / base['fuselab sinkhorn (CPU, cap 1000)']
+        r['speedup_fuselab_cap50'] = r['us_per_problem'] / base['fuselab sinkhorn (CPU, cap 50)']
     print(f'B3 PTA OT: N={N} positions of 10x10, reg=1/30, tol={TOL:g}, torch threads={THREADS} (unless noted)')
     print(f"{'solver':47} {'timed':>6} {'problems/s':>11} {'us/problem':>11} {'iters':>7} {'max err':>9} {'<=tol':>6} {'x cap1000':>10} {'x cap50':>9}")
     for r in rows:
@@ -115,18 +119,20 @@ def main():
         print(f"{r['solver']:47} {r['problems_timed']:>6} {r['problems_per_s']:>11.0f} {r['us_per_problem']:>11.1f} {it:>7} "
               f"{r['max_marginal_err']:>9.2e} {r['frac_within_tol']:>6.1%} {r['speedup_fuselab_cap1000']:>10.1f} {r['speedup_fuselab_cap50']:>9.1f}")
     f50, ref, f1k, f1t = (next(r for r in rows if r['solver'] == s) for s in (
-        'fuselab sinkhorn (torch CPU, cap 50)', 'PTA-LLM reference loop (numpy)', 'fuselab sinkhorn (torch CPU, cap 1000)',
-        'fuselab sinkhorn (torch CPU, cap 50, 1 thread)'))
+        'fuselab sinkhorn (CPU, cap 50)', 'PTA-LLM reference loop (numpy)', 'fuselab sinkhorn (CPU, cap 1000)',
+        'fuselab sinkhorn (CPU, cap 50, 1 thread)'))
     goal = dict(speedup_cap50_vs_pta=ref['us_per_problem'] / f50['us_per_problem'],
                 speedup_cap1000_vs_pta=ref['us_per_problem'] / f1k['us_per_problem'],
                 cap50_at_least_as_accurate=bool(f50['max_marginal_err'] <= ref['max_marginal_err'] and f50['frac_within_tol'] >= ref['frac_within_tol']),
                 second_thread_speedup=f1t['us_per_problem'] / f50['us_per_problem'],
+                speedup_compiled_vs_torch_path=next(r for r in rows if r['solver'].startswith('fuselab torch path'))['us_per_problem'] / f50['us_per_problem'],
                 speedup_cap50_vs_pta_per_rep=[rt / N_REF / (ft / N) for rt, ft in zip(ref['times_s'], f50['times_s'])],
                 other_processes_cores_during_pair=load_pair, other_processes_cores_whole_run=other_load(m_start, cpu_marks()))
     print(f"goal (>= 100x the PTA loop at the 50-iteration budget, accuracy at least the loop's): "
           f"{goal['speedup_cap50_vs_pta']:.0f}x (per interleaved repeat: {', '.join(f'{x:.0f}x' for x in goal['speedup_cap50_vs_pta_per_rep'])}); "
           f"max err {f50['max_marginal_err']:.2f} vs {ref['max_marginal_err']:.2f}, within tol {f50['frac_within_tol']:.1%} vs {ref['frac_within_tol']:.1%}; "
-          f"cap 1000: {goal['speedup_cap1000_vs_pta']:.1f}x; 2 threads vs 1: {goal['second_thread_speedup']:.2f}x")
+          f"cap 1000: {goal['speedup_cap1000_vs_pta']:.1f}x; 2 threads vs 1: {goal['second_thread_speedup']:.2f}x; "
+          f"compiled vs torch path: {goal['speedup_compiled_vs_torch_path']:.1f}x")
     print(f"other processes used {goal['other_processes_cores_during_pair']:.2f} cores on average during the interleaved pair "
           f"({goal['other_processes_cores_whole_run']:.2f} over the run); the 2-thread times need both cores free")
     out = dict(workload='B3', n_positions=N, shape=[10, 10], reg=REG, tol=TOL, device='cpu', threads=THREADS,
