@@ -275,3 +275,19 @@ def test_without_a_compiler_auto_warns_and_c_raises(tmp_path):
     env = dict(os.environ, CC=str(tmp_path / 'no-such-cc'), FUSELAB_CACHE=str(tmp_path / 'cache'))
     r = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == 'ok', r.stderr[-2000:]
+
+def _compiled_solve(args):
+    "The compiled solver alone (no torch op that would start OpenMP threads: those do not survive a fork either)."
+    from fuselab.ot import _c_solve
+    return _c_solve(torch.float64)(*args, 1/30, 50, 10)[0].numpy()
+
+def test_compiled_solver_in_a_forked_child():
+    import multiprocessing as mp
+    a, b, C = (x.double() for x in synthetic_pta_problems(5000, seed=3))
+    args = (C.reshape(5000, 100).contiguous(), a, b, torch.ones(5000, dtype=torch.float64), torch.full((5000,), 1e-5, dtype=torch.float64))
+    n0 = torch.get_num_threads(); torch.set_num_threads(2)
+    try:
+        parent = _compiled_solve(args)                        # the parent's worker threads exist now; a fork has none of them
+        with mp.get_context('fork').Pool(1) as pool: child = pool.apply_async(_compiled_solve, (args,)).get(timeout=120)
+    finally: torch.set_num_threads(n0)
+    np.testing.assert_array_equal(child, parent)
