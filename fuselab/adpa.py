@@ -12,11 +12,11 @@ from typing import Sequence
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 from .core import IGNORE_INDEX, masked_mean, seed_everything
 from .data import (TopKStore, StoreError, tokenize_pair, pad_records, stored_topk, lm_hidden_and_head, extract_topk, atomic_write)
 from .losses import reduce_tokens
-from .fusellm import next_token_labels, load_tokenizer, last_checkpoint, cached_vocab_map, config_from_yaml, align_batch
+from .fusellm import StatsTrainer, next_token_labels, load_tokenizer, last_checkpoint, cached_vocab_map, config_from_yaml, align_batch
 
 # %% auto #0
 __all__ = ['DISTILL_LOSSES', 'ADPA_STAGES', 'STAGE_FNS', 'ADPA_ARMS', 'support_logprobs', 'topk_kl', 'dckd_loss',
@@ -319,12 +319,9 @@ class DistillCollator:
         return out
 
 # %% ../nbs/15_adpa.ipynb #1987d6ee
-class DistillTrainer(Trainer):
+class DistillTrainer(StatsTrainer):
     "`transformers.Trainer` whose loss is DCKD or ADPA from stored teacher rows (`DistillConfig.distill_loss`)."
-    def __init__(self, *args, **kw):
-        super().__init__(*args, **kw)
-        if not isinstance(self.args, DistillConfig): raise TypeError(f'args must be a DistillConfig, got {type(self.args).__name__}')
-        self.model_accepts_loss_kwargs, self._stats = False, defaultdict(list)
+    args_type = DistillConfig
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         a, other = self.args, 'rejected' if self.args.distill_loss == 'dckd' else 'gen'
@@ -365,13 +362,6 @@ class DistillTrainer(Trainer):
             self._stats[f'{mode}/adpa'].append(adpa.item()); self._stats[f'{mode}/adv_mean'].append(st['adv_mean'])
         self._stats[f'{mode}/nll_chosen'].append(nll.item())
         return (loss, None) if return_outputs else loss
-
-    def log(self, logs:dict, *args, **kw):
-        mode = 'train' if 'loss' in logs else 'eval'
-        logs.update({(k.split('/', 1)[1] if mode == 'train' else 'eval_' + k.split('/', 1)[1]): float(np.mean(v))
-                     for k, v in self._stats.items() if k.startswith(mode + '/')})
-        for k in [k for k in self._stats if k.startswith(mode + '/')]: del self._stats[k]
-        super().log(logs, *args, **kw)
 
 # %% ../nbs/15_adpa.ipynb #a2ff5654
 ADPA_STAGES = ('teacher_sft', 'teacher_dpo', 'student_sft', 'dckd_data', 'dckd', 'generate', 'adpa_data', 'adpa')

@@ -23,9 +23,10 @@ from .pta import pta_align_position_batch
 
 # %% auto #0
 __all__ = ['EXPERIMENT_SKILLS', 'EXPERIMENT_ARMS', 'load_records', 'encode', 'encode_all', 'ce_to_char', 'fusion_vocab_map',
-           'align_batch', 'FusionCollator', 'FusionArguments', 'next_token_labels', 'FusionTrainer', 'config_from_yaml',
-           'FuseLLMConfig', 'load_tokenizer', 'fusellm_extract', 'cached_vocab_map', 'fusellm_align', 'last_checkpoint',
-           'fusellm_train', 'train_fusion', 'fusellm_run', 'answer_nll', 'fusellm_experiment']
+           'align_batch', 'FusionCollator', 'FusionArguments', 'next_token_labels', 'StatsTrainer', 'FusionTrainer',
+           'config_from_yaml', 'FuseLLMConfig', 'load_tokenizer', 'fusellm_extract', 'cached_vocab_map',
+           'fusellm_align', 'last_checkpoint', 'fusellm_train', 'train_fusion', 'fusellm_run', 'answer_nll',
+           'fusellm_experiment']
 
 # %% ../nbs/10_fusellm.ipynb #fe9235b7
 def load_records(path)->list[dict]:
@@ -169,12 +170,25 @@ def next_token_labels(labels:torch.Tensor)->torch.Tensor: # (B,T) -> (B,T) label
     "Shift HF-style labels left by one so position j is scored on token j+1 (IGNORE_INDEX at the end)."
     return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], 1)
 
-class FusionTrainer(Trainer):
-    "`transformers.Trainer` whose loss is FuseLLM's $\\lambda L_{CLM} + (1-\\lambda) L_{Fusion}$ from sparse teachers."
+class StatsTrainer(Trainer):
+    "`transformers.Trainer` that checks its `args` type and logs the means of the `'train/...'` / `'eval/...'` stats its loss records."
+    args_type = TrainingArguments                        # subclasses: their own arguments class
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        if not isinstance(self.args, FusionArguments): raise TypeError(f'args must be FusionArguments, got {type(self.args).__name__}')
+        if not isinstance(self.args, self.args_type):
+            raise TypeError(f'args must be a {self.args_type.__name__}, got {type(self.args).__name__}')
         self.model_accepts_loss_kwargs, self._stats = False, defaultdict(list)
+
+    def log(self, logs:dict, *args, **kw):
+        mode = 'train' if 'loss' in logs else 'eval'
+        logs.update({k.split('/', 1)[1] if mode == 'train' else 'eval_' + k.split('/', 1)[1]: float(np.mean(v))
+                     for k, v in self._stats.items() if k.startswith(mode + '/')})
+        for k in [k for k in self._stats if k.startswith(mode + '/')]: del self._stats[k]
+        super().log(logs, *args, **kw)
+
+class FusionTrainer(StatsTrainer):
+    "`transformers.Trainer` whose loss is FuseLLM's $\\lambda L_{CLM} + (1-\\lambda) L_{Fusion}$ from sparse teachers."
+    args_type = FusionArguments
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         a = self.args
@@ -195,13 +209,6 @@ class FusionTrainer(Trainer):
             self._stats[f'{mode}/empty_teacher_rows'].append(sst['n_empty'])
         self._stats[f'{mode}/clm'].append(clm.item())
         return (loss, None) if return_outputs else loss
-
-    def log(self, logs:dict, *args, **kw):
-        mode = 'train' if 'loss' in logs else 'eval'
-        logs.update({k.split('/', 1)[1] if mode == 'train' else 'eval_' + k.split('/', 1)[1]: float(np.mean(v))
-                     for k, v in self._stats.items() if k.startswith(mode + '/')})
-        for k in [k for k in self._stats if k.startswith(mode + '/')]: del self._stats[k]
-        super().log(logs, *args, **kw)
 
 # %% ../nbs/10_fusellm.ipynb #e9bd338d
 def config_from_yaml(cls, path, path_fields:Sequence[str]):
