@@ -433,7 +433,7 @@ def _compiled_solver(kernel:str, device:torch.device, dtype:torch.dtype, size:in
     return fn
 
 @functools.cache
-def _warn_once(msg:str): warnings.warn(msg, RuntimeWarning, stacklevel=4)
+def _warn_once(msg:str): warnings.warn(msg, RuntimeWarning, stacklevel=5)   # the caller of `sinkhorn` (past torch's no_grad)
 
 # %% ../nbs/04_ot.ipynb #ee7d1e3d
 class SinkhornStats(NamedTuple):
